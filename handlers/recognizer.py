@@ -1,0 +1,88 @@
+"""An unpacked model archive turned into a ready model: the one place that reads archive contents.
+
+The TorchServe handler, the tests and the benchmarks all load models through ``load_recognizer``, so
+"served" and "in-process" mean the same network, weights, precision and labels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from handlers.backbones import Backbone, FeatureClassifier, get_backbone
+from handlers.constants import HEAD_FILE, LABELS_FILE, MODEL_INFO_FILE, PRECISIONS, WEIGHTS_FILE
+from handlers.heads import FeatureHead, build_head
+
+logger = logging.getLogger(__name__)
+
+
+class Recognizer(nn.Module):
+    """Frozen backbone plus either its ImageNet classifier or a few-shot head.
+
+    ``forward``: images (N, 3, H, W) float32 -> logits (N, C) float32.
+    """
+
+    def __init__(self, network: FeatureClassifier, head: FeatureHead | None = None, precision: str = "fp32"):
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+        self.network = network.eval()
+        self.head = head.eval() if head is not None else None
+        self.precision = precision
+        if precision == "bf16":
+            # oneDNN's bf16 convolutions (AMX on this CPU) want NHWC activations.
+            self.network = self.network.to(memory_format=torch.channels_last)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, D) float32 backbone features."""
+        if self.precision == "bf16":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.network.features(images).float()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.features(images)
+        # The classifier or head is tiny: keep it in fp32 so probabilities stay well calibrated.
+        return self.network.classifier(features) if self.head is None else self.head(features)
+
+
+@dataclass
+class LoadedModel:
+    recognizer: Recognizer
+    labels: list[str]
+    info: dict  # model_info.json: backbone, precision, head, training record, metrics
+    backbone: Backbone
+
+
+def read_model_info(model_dir: str | Path) -> dict:
+    return json.loads((Path(model_dir) / MODEL_INFO_FILE).read_text())
+
+
+def read_labels(model_dir: str | Path) -> list[str]:
+    mapping = json.loads((Path(model_dir) / LABELS_FILE).read_text())
+    return [mapping[str(i)] for i in range(len(mapping))]
+
+
+def load_recognizer(model_dir: str | Path, precision: str | None = None) -> LoadedModel:
+    """Load an unpacked archive (or a staging directory with the same files).
+
+    ``precision`` overrides the archive's own setting (benchmarks compare fp32 with bf16).
+    """
+    model_dir = Path(model_dir)
+    info = read_model_info(model_dir)
+    backbone = get_backbone(info["backbone"])
+    network = backbone.load(model_dir / WEIGHTS_FILE)
+    head = None
+    if info.get("head"):
+        head = build_head(info["head"]["type"], backbone.feature_dim, info["head"]["num_classes"])
+        head.load_state_dict(torch.load(model_dir / HEAD_FILE, map_location="cpu", weights_only=True))
+    labels = read_labels(model_dir)
+    recognizer = Recognizer(network, head, precision or info.get("precision", "fp32"))
+    for parameter in recognizer.parameters():
+        parameter.requires_grad_(False)
+    return LoadedModel(recognizer, labels, info, backbone)

@@ -1,0 +1,255 @@
+"""Running TorchServe and talking to it: config files, keys, start/stop, authorised requests.
+
+Used by ``scripts/serve.py`` (the shipped server), by ``scripts/manage.py``, by the tests and by the
+benchmarks, so all of them start TorchServe the same way from the shipped ``config.properties``.
+
+Each ``TorchServe`` instance gets its own working directory (key_file.json and logs land there)
+and its own TMPDIR (TorchServe keeps its pid file in the temp directory), so several servers can
+run side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_CONFIG = PROJECT_ROOT / "config.properties"
+KEY_FILE_NAME = "key_file.json"
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def read_properties(path: str | Path) -> dict[str, str]:
+    """A Java .properties file as a dict (the subset TorchServe uses: key=value, # comments)."""
+    properties = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            properties[key.strip()] = value.strip()
+    return properties
+
+
+def write_properties(path: str | Path, properties: dict[str, str]) -> Path:
+    Path(path).write_text("".join(f"{key}={value}\n" for key, value in properties.items()))
+    return Path(path)
+
+
+def shipped_ports() -> tuple[int, int, int]:
+    properties = read_properties(SHIPPED_CONFIG)
+    return tuple(
+        int(properties[f"{api}_address"].rsplit(":", 1)[1]) for api in ("inference", "management", "metrics")
+    )
+
+
+def read_keys(key_file: str | Path) -> dict[str, str]:
+    """{"inference": key, "management": key, "API": key} from TorchServe's key_file.json."""
+    try:
+        raw = json.loads(Path(key_file).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no TorchServe key file at {key_file}: TorchServe writes it into the directory it was started in"
+        ) from None
+    return {role: entry["key"] for role, entry in raw.items()}
+
+
+def auth_header(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TorchServe:
+    """A TorchServe process started from the shipped config with per-instance overrides.
+
+    ``models``: TorchServe's ``load_models`` value ("name=file.mar,..." or "ALL"), or None.
+    ``overrides``: properties replacing the shipped ones (e.g. a test's job_queue_size).
+    ``ports``: (inference, management, metrics); None picks free loopback ports (tests), while
+    ``shipped_ports()`` keeps the addresses of config.properties (the real server).
+    """
+
+    def __init__(
+        self,
+        model_store: str | Path,
+        workdir: str | Path,
+        models: str | None = None,
+        overrides: dict[str, str] | None = None,
+        ports: tuple[int, int, int] | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        self.model_store = Path(model_store).resolve()
+        self.workdir = Path(workdir).resolve()
+        inference, management, metrics = ports or (free_port(), free_port(), free_port())
+        self.inference_url = f"http://127.0.0.1:{inference}"
+        self.management_url = f"http://127.0.0.1:{management}"
+        self.metrics_url = f"http://127.0.0.1:{metrics}"
+        self.properties = read_properties(SHIPPED_CONFIG)
+        self.properties.update(
+            inference_address=self.inference_url,
+            management_address=self.management_url,
+            metrics_address=self.metrics_url,
+            model_store=str(self.model_store),
+        )
+        if models:
+            self.properties["load_models"] = models
+        self.properties.update(overrides or {})
+        self.extra_env = env or {}
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "config.properties"
+
+    @property
+    def key_file(self) -> Path:
+        return self.workdir / KEY_FILE_NAME
+
+    @property
+    def log_dir(self) -> Path:
+        return self.workdir / "logs"
+
+    def start(self, timeout: float = 120.0, snapshots: bool = False) -> "TorchServe":
+        """Start and wait until the server answers and every loaded model has a ready worker."""
+        (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
+        self.model_store.mkdir(parents=True, exist_ok=True)
+        write_properties(self.config_path, self.properties)
+        env = {
+            **os.environ,
+            "TMPDIR": str(self.workdir / "tmp"),
+            "TEMP": str(self.workdir / "tmp"),
+            "LOG_LOCATION": str(self.log_dir),
+            "METRICS_LOCATION": str(self.log_dir),
+            **self.extra_env,
+        }
+        command = [
+            str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground",
+            "--ts-config", str(self.config_path), "--model-store", str(self.model_store),
+        ]
+        if not snapshots:
+            command.append("--ncs")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._console = open(self.log_dir / "console.log", "ab")
+        # Own process group: stop() must take the Java frontend and its Python workers down too.
+        self.process = subprocess.Popen(
+            command, cwd=self.workdir, env=env, stdout=self._console, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()  # never leave a half-started server (and its pid file) behind
+            raise
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"TorchServe exited with {self.process.returncode}; see {self.log_dir}")
+            try:
+                if self.key_file.exists() and self._models_ready():
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"TorchServe not ready after {timeout:.0f}s; see {self.log_dir}")
+
+    def _models_ready(self) -> bool:
+        response = self.management("GET", "/models")
+        if response.status_code != 200:
+            return False
+        for model in response.json().get("models", []):
+            for version in self.management("GET", f"/models/{model['modelName']}/all").json():
+                if not any(w.get("status") == "READY" for w in version.get("workers", [])):
+                    return False
+        return True
+
+    @property
+    def keys(self) -> dict[str, str]:
+        return read_keys(self.key_file)
+
+    def management(self, method: str, path: str, timeout: float = DEFAULT_TIMEOUT_S, **kwargs) -> requests.Response:
+        headers = {**auth_header(self.keys["management"]), **kwargs.pop("headers", {})}
+        return requests.request(method, self.management_url + path, headers=headers, timeout=timeout, **kwargs)
+
+    def predict(self, model: str, data: bytes, version: str | None = None,
+                content_type: str = "application/octet-stream", timeout: float = DEFAULT_TIMEOUT_S,
+                session: requests.Session | None = None) -> requests.Response:
+        """PUT raw image bytes to /predictions/MODEL[/VERSION], as ``curl -T`` does."""
+        path = f"/predictions/{model}" + (f"/{version}" if version else "")
+        headers = {"Content-Type": content_type, **auth_header(self.keys["inference"])}
+        return (session or requests).put(self.inference_url + path, data=data, headers=headers, timeout=timeout)
+
+    def worker_pids(self, model: str, version: str | None = None) -> list[int]:
+        path = f"/models/{model}" + (f"/{version}" if version else "")
+        return [w["pid"] for entry in self.management("GET", path).json() for w in entry.get("workers", [])]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the frontend and all workers, and wait until every one of them has exited."""
+        if self.process is None:
+            return
+        group = self.process.pid
+        try:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(group, sig)
+                except ProcessLookupError:
+                    break
+                if _wait_group_gone(group, timeout):
+                    break
+            self.process.wait(timeout)
+        finally:
+            self.process = None
+            self._console.close()
+
+    def __enter__(self) -> "TorchServe":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _group_members(group: int) -> list[psutil.Process]:
+    members = []
+    for process in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(process.pid) == group and process.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(process)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
+
+
+def _wait_group_gone(group: int, timeout: float) -> bool:
+    """True once no live process of the group is left (the Java frontend exits last)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _group_members(group):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def install_archive(archive: str | Path, model_store: str | Path) -> Path:
+    """Copy an archive into a model store (TorchServe registers local archives by file name)."""
+    target = Path(model_store) / Path(archive).name
+    if Path(archive).resolve() != target.resolve():
+        shutil.copyfile(archive, target)
+    return target
