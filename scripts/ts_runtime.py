@@ -107,6 +107,8 @@ class TorchServe:
             metrics_address=self.metrics_url,
             model_store=str(self.model_store),
         )
+        if ports is None:  # side-by-side servers: gRPC ports must not clash either
+            self.properties.update(grpc_inference_port=str(free_port()), grpc_management_port=str(free_port()))
         if models:
             self.properties["load_models"] = models
         self.properties.update(overrides or {})

@@ -1,0 +1,92 @@
+"""Backbone registry, weights resolution and the build_archive.py command line."""
+
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import yaml
+
+from handlers.archive import read_archive_info
+from handlers.backbones import WeightsNotFoundError, backbone_names, file_sha256, get_backbone
+from scripts.ts_runtime import PROJECT_ROOT
+
+BUILD = [sys.executable, str(PROJECT_ROOT / "scripts" / "build_archive.py")]
+
+
+def run_build(*args, env=None):
+    return subprocess.run(BUILD + list(args), capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_registry_knows_both_backbones_and_refuses_unknown_names():
+    assert {"resnet18", "efficientnet_lite0"} <= set(backbone_names())
+    with pytest.raises(ValueError, match="unknown backbone 'resnet50'; choose from"):
+        get_backbone("resnet50")
+
+
+def test_each_backbone_owns_its_preprocessing_and_feature_size():
+    resnet, lite = get_backbone("resnet18"), get_backbone("efficientnet_lite0")
+    assert (resnet.feature_dim, lite.feature_dim) == (512, 1280)
+    assert resnet.preprocessing.mean == (0.485, 0.456, 0.406)
+    assert lite.preprocessing.mean == (0.5, 0.5, 0.5)
+
+
+def test_resnet18_weights_come_from_a_path_then_the_environment(resnet18_weights, monkeypatch, tmp_path):
+    backbone = get_backbone("resnet18")
+    assert backbone.resolve_weights(resnet18_weights) == resnet18_weights
+    monkeypatch.setenv("RESNET18_WEIGHTS", str(resnet18_weights))
+    assert backbone.resolve_weights() == resnet18_weights
+    with pytest.raises(WeightsNotFoundError, match="not found"):
+        backbone.resolve_weights(tmp_path / "missing.pth")
+
+
+def test_without_weights_resnet18_names_the_three_ways_out(monkeypatch, tmp_path):
+    monkeypatch.delenv("RESNET18_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+    with pytest.raises(WeightsNotFoundError) as caught:
+        get_backbone("resnet18").resolve_weights(allow_download=False)
+    message = str(caught.value)
+    assert "--weights PATH" in message and "RESNET18_WEIGHTS" in message
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in message
+
+
+def test_a_hub_cache_file_is_found(monkeypatch, tmp_path, resnet18_weights):
+    monkeypatch.delenv("RESNET18_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(resnet18_weights.read_bytes())
+    assert get_backbone("resnet18").resolve_weights(allow_download=False) == cached
+
+
+def test_cli_writes_a_self_contained_archive(resnet18_weights, tmp_path):
+    result = run_build("--backbone", "resnet18", "--weights", str(resnet18_weights), "--version", "2.1",
+                       "--name", "imagenet", "--out", str(tmp_path), "--batch-size", "4")
+    assert result.returncode == 0, result.stderr
+    archive = tmp_path / "imagenet_v2.1.mar"
+    assert result.stdout.strip() == str(archive)
+    with zipfile.ZipFile(archive) as zf:
+        names = set(zf.namelist())
+        config = yaml.safe_load(zf.read("model-config.yaml"))
+        manifest = zf.read("MAR-INF/MANIFEST.json").decode()
+    assert {"weights.pt", "index_to_name.json", "recognition_handler.py", "handlers/backbones.py"} <= names
+    assert config["batchSize"] == 4 and config["maxBatchDelay"] >= 0
+    assert '"modelVersion": "2.1"' in manifest and '"modelName": "imagenet"' in manifest
+    info = read_archive_info(archive)
+    assert info["backbone"] == "resnet18" and info["weights_sha256"] == file_sha256(resnet18_weights)
+    assert info["num_classes"] == 1000 and info["precision"] == "fp32"
+
+
+def test_cli_refuses_to_overwrite_and_rejects_bad_names(resnet18_weights, tmp_path):
+    first = run_build("--weights", str(resnet18_weights), "--out", str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    again = run_build("--weights", str(resnet18_weights), "--out", str(tmp_path))
+    assert again.returncode == 2 and "exists" in again.stderr
+    for bad in (["--version", "../../etc"], ["--name", "a/b"], ["--backbone", "vgg"]):
+        result = run_build("--weights", str(resnet18_weights), "--out", str(tmp_path), *bad)
+        assert result.returncode == 2, (bad, result.stderr)
+
+
+def test_cli_missing_weights_file_exits_3(tmp_path):
+    result = run_build("--weights", str(tmp_path / "nowhere.pth"), "--out", str(tmp_path))
+    assert result.returncode == 3 and "not found" in result.stderr

@@ -1,0 +1,53 @@
+"""Decoding untrusted bytes: every accepted format and mode, and every kind of bad input."""
+
+import numpy as np
+import pytest
+
+from handlers.imaging import ImageError, decode_image
+from tests import images
+
+
+@pytest.mark.parametrize("name", sorted(images.variants()))
+def test_every_format_and_mode_becomes_upright_rgb(name):
+    image = decode_image(images.variants()[name])
+    assert image.mode == "RGB"
+    assert image.size == (600, 400), "EXIF orientation must be applied; sizes must be the original"
+    reference = np.asarray(images.sample(), dtype=np.int16)
+    if "grey" in name or "16bit" in name:
+        reference = np.asarray(images.sample().convert("L").convert("RGB"), dtype=np.int16)
+    difference = np.abs(np.asarray(image, dtype=np.int16) - reference).mean()
+    # Lossy formats and palettes change pixels a little; a wrong rotation, a clipped 16-bit image or
+    # a black alpha background would change them a lot.
+    limit = 40 if name == "rgba-png" else 12
+    assert difference < limit, f"{name}: mean abs difference {difference:.1f}"
+
+
+def test_gif_gives_its_first_frame():
+    assert decode_image(images.two_frame_gif()).getpixel((10, 10)) == (255, 0, 0)
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_but_never_below_the_model_size():
+    photo = images.phone_photo()
+    full = decode_image(photo)
+    reduced = decode_image(photo, min_side=256)
+    assert full.size == (4000, 3000)
+    assert min(reduced.size) >= 256 and reduced.size[0] < full.size[0]
+
+
+@pytest.mark.parametrize(
+    "data, status, words",
+    [
+        (b"", 400, "empty"),
+        (b"this is not an image at all", 415, "not an image"),
+        (images.truncated_jpeg(), 400, "truncated"),
+        (images.tiff(), 415, "unsupported image format TIFF"),
+        (images.png_claiming_size(9000, 9000), 413, "megapixels"),
+        (images.png_claiming_size(100_000, 100_000), 413, "decompression bomb"),
+    ],
+    ids=["empty", "not-an-image", "truncated", "tiff", "81-megapixels", "10-gigapixels"],
+)
+def test_bad_input_raises_a_clear_error(data, status, words):
+    with pytest.raises(ImageError) as caught:
+        decode_image(data)
+    assert caught.value.status == status
+    assert words in str(caught.value)
