@@ -22,6 +22,9 @@ class FeatureHead(nn.Module, abc.ABC):
     """Base of all heads. ``forward``: features (N, D) -> logits (N, C)."""
 
     kind: ClassVar[str]
+    # Whether training should add augmented views of each image as extra rows. Measured per head
+    # (docs/BENCHMARKS.md): they help the linear head and slightly hurt class means.
+    uses_views: ClassVar[bool] = False
 
     def __init__(self, feature_dim: int, num_classes: int):
         super().__init__()
@@ -61,3 +64,136 @@ def build_head(kind: str, feature_dim: int, num_classes: int) -> FeatureHead:
     except KeyError:
         raise ValueError(f"unknown head {kind!r}; choose from {', '.join(sorted(HEADS))}") from None
     return cls(feature_dim, num_classes)
+
+
+@register_head
+class PrototypeHead(FeatureHead):
+    """Nearest class mean: cosine similarity to each class prototype, times a fitted scale.
+
+    ``prototypes``: (C, D) unit vectors; ``scale``: inverse temperature turning cosine similarities
+    into calibrated probabilities.
+    """
+
+    kind = "prototype"
+
+    def __init__(self, feature_dim: int, num_classes: int):
+        super().__init__(feature_dim, num_classes)
+        self.register_buffer("prototypes", torch.zeros(num_classes, feature_dim))
+        self.register_buffer("scale", torch.tensor(10.0))
+
+    def logits(self, normalised: torch.Tensor) -> torch.Tensor:
+        return self.scale * normalised @ self.prototypes.T
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor, labels: torch.Tensor, **options) -> dict:
+        features = features.float()
+        self.center.copy_(features.mean(dim=0))
+        normalised = self.normalise(features)
+        sums = torch.zeros_like(self.prototypes).index_add_(0, labels, normalised)
+        counts = torch.bincount(labels, minlength=self.num_classes).clamp(min=1).unsqueeze(1)
+        self.prototypes.copy_(F.normalize(sums / counts, dim=1))
+        # Fit the temperature on leave-one-out similarities: a sample's own prototype without it,
+        # otherwise every training image looks closer to its class than an unseen one would.
+        loo = F.normalize(sums[labels] - normalised, dim=1)
+        cosine = normalised @ self.prototypes.T
+        own = counts.squeeze(1)[labels] > 1
+        cosine[own, labels[own]] = (normalised[own] * loo[own]).sum(dim=1)
+        scales = torch.logspace(0, 2.5, 60)
+        losses = torch.stack([F.cross_entropy(s * cosine, labels) for s in scales])
+        self.scale.fill_(float(scales[losses.argmin()]))
+        return {"scale": float(self.scale), "train_nll": float(losses.min())}
+
+
+def _holdout_mask(labels: torch.Tensor, groups: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """True for rows held out: about ``fraction`` of each class's groups (images), never a class's
+    last group. Rows of one group (augmented views of one image) are never split, or the held-out
+    score would be measured on views of images the model trained on."""
+    generator = torch.Generator().manual_seed(seed)
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    for label in labels.unique():
+        class_groups = groups[labels == label].unique()
+        n_out = min(len(class_groups) - 1, round(fraction * len(class_groups)))
+        if n_out < 1:
+            continue
+        chosen = class_groups[torch.randperm(len(class_groups), generator=generator)[:n_out]]
+        held |= torch.isin(groups, chosen)
+    return held
+
+
+@register_head
+class LinearHead(FeatureHead):
+    """Softmax regression on centred, L2-normalised features.
+
+    Class-balanced cross-entropy plus weight decay, minimised full-batch with L-BFGS (its strong-Wolfe
+    line search is the step-size schedule: on a few thousand rows that converges in well under a
+    second, where SGD needs a tuned schedule and many epochs). The weight decay is chosen on a
+    held-out part of the training images (early stopping along the regularisation path: training
+    stops at the strength where held-out loss is lowest), then the head is refitted on all images.
+    """
+
+    kind = "linear"
+    uses_views = True
+    WEIGHT_DECAYS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+
+    def __init__(self, feature_dim: int, num_classes: int):
+        super().__init__(feature_dim, num_classes)
+        self.linear = nn.Linear(feature_dim, num_classes)
+
+    def logits(self, normalised: torch.Tensor) -> torch.Tensor:
+        return self.linear(normalised)
+
+    @staticmethod
+    def _class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        counts = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)
+        return counts.sum() / (num_classes * counts)
+
+    def _solve(self, x: torch.Tensor, labels: torch.Tensor, weight_decay: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = torch.zeros(self.num_classes, x.shape[1], requires_grad=True)
+        bias = torch.zeros(self.num_classes, requires_grad=True)
+        class_weights = self._class_weights(labels, self.num_classes)
+        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
+                                      tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.cross_entropy(x @ weight.T + bias, labels, weight=class_weights)
+            loss = loss + weight_decay * weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimizer.step(closure)
+        return weight.detach(), bias.detach()
+
+    def fit(self, features: torch.Tensor, labels: torch.Tensor, *, groups: torch.Tensor | None = None,
+            weight_decay: float | None = None, holdout_fraction: float = 0.25, max_iter: int = 200,
+            seed: int = 0, **options) -> dict:
+        """``groups``: image id of each row (augmented views of one image share it); ``weight_decay``:
+        a fixed strength instead of choosing one on held-out images."""
+        features = features.float()
+        groups = torch.arange(len(labels)) if groups is None else groups
+        with torch.no_grad():
+            self.center.copy_(features.mean(dim=0))
+            x = self.normalise(features)
+        summary: dict = {}
+        if weight_decay is None:
+            held = _holdout_mask(labels, groups, holdout_fraction, seed)
+            if held.any():
+                class_weights = self._class_weights(labels[held], self.num_classes)
+                scores = {}
+                for candidate in self.WEIGHT_DECAYS:
+                    weight, bias = self._solve(x[~held], labels[~held], candidate, max_iter)
+                    logits = x[held] @ weight.T + bias
+                    scores[candidate] = float(F.cross_entropy(logits, labels[held], weight=class_weights))
+                weight_decay = min(scores, key=scores.get)
+                summary["holdout_nll"] = {f"{k:g}": round(v, 4) for k, v in scores.items()}
+                summary["holdout_images"] = int(groups[held].unique().numel())
+            else:  # one image per class: nothing to hold out
+                weight_decay = 1e-3
+        weight, bias = self._solve(x, labels, weight_decay, max_iter)
+        with torch.no_grad():
+            self.linear.weight.copy_(weight)
+            self.linear.bias.copy_(bias)
+            train_accuracy = float((self.linear(x).argmax(1) == labels).float().mean())
+        summary.update(weight_decay=weight_decay, train_accuracy=round(train_accuracy, 4))
+        return summary

@@ -1,0 +1,228 @@
+"""Frozen-backbone features, computed once in batches and cached on disk.
+
+Cache key: backbone weights sha256 / transform description / image content sha256. The plain view
+uses the served eval transform (``handlers.imaging``), so a cached feature is what the served model
+computes for the same file. Augmented views (random resized crop, flip, colour jitter, small
+rotation, built from the backbone's ``preprocessing``) are seeded per image and view index, so view
+``i`` of an image is the same tensor on every run and can be cached too.
+
+Layout: ``<cache>/<weights sha[:16]>/<transform key>/<image sha[:2]>/<image sha>.pt`` holding a
+(V, D) float32 tensor: the plain view (V = 1), or augmented views 0..V-1 of that image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision.transforms import v2 as T
+from tqdm import tqdm
+
+from handlers.backbones import Preprocessing, file_sha256, get_backbone
+from handlers.imaging import decode_image, eval_transform
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV_VAR = "IMAGEREC_FEATURE_CACHE"
+CACHE_VERSION = "v1"  # bump when the file format or the meaning of a key changes
+
+
+def default_cache_dir() -> Path:
+    """``$IMAGEREC_FEATURE_CACHE``, else ``$XDG_CACHE_HOME/imagerec/features`` (``~/.cache/...``)."""
+    if os.environ.get(CACHE_ENV_VAR):
+        return Path(os.environ[CACHE_ENV_VAR]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "imagerec" / "features"
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training-time views. Geometry comes from the backbone's preprocessing, never re-typed."""
+
+    # Defaults measured on clothing10/hymenoptera (docs/BENCHMARKS.md): mild crops + flips helped the
+    # linear head as much as stronger views (crops down to 35% area, jitter 0.2, 10 degree rotation)
+    # at half the views; jitter and rotation stay available for photos that need them.
+    min_scale: float = 0.6  # smallest crop area of a random resized crop, as a fraction of the image
+    jitter: float = 0.0  # brightness/contrast/saturation jitter
+    rotation: float = 0.0  # degrees, either way
+
+    def transform(self, preprocessing: Preprocessing) -> T.Compose:
+        return T.Compose(
+            [
+                # Resize first as the eval path does: crops then see the same detail scale.
+                T.Resize(preprocessing.resize_size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+                *([T.RandomRotation(self.rotation, interpolation=T.InterpolationMode.BILINEAR)] if self.rotation else []),
+                T.RandomResizedCrop(preprocessing.crop_size, scale=(self.min_scale, 1.0), antialias=True),
+                T.RandomHorizontalFlip(),
+                *([T.ColorJitter(brightness=self.jitter, contrast=self.jitter, saturation=self.jitter)] if self.jitter else []),
+                T.PILToTensor(),
+                T.ToDtype(torch.float32, scale=True),
+                T.Normalize(preprocessing.mean, preprocessing.std),
+            ]
+        )
+
+    def describe(self, preprocessing: Preprocessing, seed: int) -> str:
+        return f"aug:{self.min_scale}:{self.jitter}:{self.rotation}:seed{seed}:{_describe(preprocessing)}"
+
+
+def _describe(preprocessing: Preprocessing) -> str:
+    return (f"resize{preprocessing.resize_size}:crop{preprocessing.crop_size}:"
+            f"mean{preprocessing.mean}:std{preprocessing.std}")
+
+
+@dataclass
+class ExtractionStats:
+    images: int = 0  # images asked for
+    cached: int = 0  # served from the cache
+    extracted: int = 0  # images decoded and run through the backbone
+    failed: int = 0  # images that could not be decoded (they were listed)
+    forward_passes: int = 0  # backbone inputs computed (images x views)
+    seconds: float = 0.0
+
+    def add(self, other: "ExtractionStats") -> None:
+        for name in ("images", "cached", "extracted", "failed", "forward_passes", "seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class FeatureExtractor:
+    """Features of image files for one backbone + weights, with an on-disk cache.
+
+    ``extract(paths)`` -> (N, D) plain-view features; ``extract(paths, views=V, seed=S)`` ->
+    (N, V, D) augmented views. ``hashes`` (sha256 of each file) may be given to skip rehashing.
+    """
+
+    def __init__(self, backbone_name: str, weights_path: str | Path | None = None,
+                 cache_dir: str | Path | None = None, batch_size: int = 32,
+                 augmentation: Augmentation | None = None, progress: bool = True, use_cache: bool = True):
+        self.backbone = get_backbone(backbone_name)
+        self.weights_path = Path(weights_path) if weights_path else self.backbone.resolve_weights()
+        self.weights_sha256 = file_sha256(self.weights_path)
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.batch_size = batch_size
+        self.augmentation = augmentation or Augmentation()
+        self.progress = progress
+        self.use_cache = use_cache
+        self.preprocessing = self.backbone.preprocessing
+        self.eval_transform = eval_transform(self.preprocessing)
+        self.train_transform = self.augmentation.transform(self.preprocessing)
+        self.stats = ExtractionStats()
+        self._network = None  # loaded on the first cache miss: a warm run never pays for it
+
+    @property
+    def network(self):
+        if self._network is None:
+            self._network = self.backbone.load(self.weights_path)
+            for parameter in self._network.parameters():
+                parameter.requires_grad_(False)
+        return self._network
+
+    def _key_dir(self, description: str) -> Path:
+        key = hashlib.sha256(f"{CACHE_VERSION}|{description}".encode()).hexdigest()[:16]
+        return self.cache_dir / self.weights_sha256[:16] / key
+
+    def _cache_file(self, key_dir: Path, image_sha: str) -> Path:
+        return key_dir / image_sha[:2] / f"{image_sha}.pt"
+
+    def _load_cached(self, path: Path, views: int) -> torch.Tensor | None:
+        if not self.use_cache or not path.is_file():
+            return None
+        try:
+            tensor = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a torn write from a killed run: recompute it
+            return None
+        if tensor.ndim != 2 or tensor.shape[0] < views or tensor.shape[1] != self.backbone.feature_dim:
+            return None
+        return tensor[:views]
+
+    def _store(self, path: Path, tensor: torch.Tensor) -> None:
+        if not self.use_cache:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(tensor.clone(), tmp)
+        os.replace(tmp, path)  # atomic: concurrent runs never read half a file
+
+    def extract(self, paths: list[Path], hashes: list[str] | None = None, views: int = 0, seed: int = 0,
+                description: str = "features") -> torch.Tensor:
+        """Plain features (N, D) when ``views == 0``, else augmented views (N, views, D).
+
+        A file that cannot be decoded raises ImageError naming it (data loading lists and drops
+        unreadable files beforehand, so this means the file changed underneath us).
+        """
+        started = time.perf_counter()
+        stats = ExtractionStats(images=len(paths))
+        hashes = list(hashes) if hashes is not None else [_sha256_file(p) for p in paths]
+        augmented = views > 0
+        n_views = views if augmented else 1
+        key_dir = self._key_dir(
+            self.augmentation.describe(self.preprocessing, seed) if augmented else f"eval:{_describe(self.preprocessing)}"
+        )
+        out = torch.empty(len(paths), n_views, self.backbone.feature_dim)
+        missing = []
+        for index, (path, digest) in enumerate(zip(paths, hashes)):
+            cached = self._load_cached(self._cache_file(key_dir, digest), n_views)
+            if cached is None:
+                missing.append(index)
+            else:
+                out[index] = cached
+        stats.cached = len(paths) - len(missing)
+
+        bar = tqdm(total=len(missing) * n_views, desc=description, unit="view" if augmented else "img",
+                   disable=not self.progress or not missing, leave=False)
+        pending_inputs, pending_slots = [], []
+
+        def flush():
+            if not pending_inputs:
+                return
+            with torch.inference_mode():
+                features = self.network.features(torch.stack(pending_inputs)).float()
+            for (index, view), feature in zip(pending_slots, features):
+                out[index, view] = feature
+            stats.forward_passes += len(pending_inputs)
+            bar.update(len(pending_inputs))
+            pending_inputs.clear()
+            pending_slots.clear()
+
+        finished = []
+        for index in missing:
+            image = decode_image(Path(paths[index]).read_bytes(), min_side=self.preprocessing.resize_size)
+            if augmented:
+                for view in range(n_views):
+                    # One seed per (run seed, image content, view): reproducible and independent of
+                    # the image's position in the list, so cached views stay valid.
+                    view_seed = int(hashlib.sha256(f"{seed}:{hashes[index]}:{view}".encode()).hexdigest()[:15], 16)
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(view_seed)
+                        pending_inputs.append(self.train_transform(image))
+                    pending_slots.append((index, view))
+            else:
+                pending_inputs.append(self.eval_transform(image))
+                pending_slots.append((index, 0))
+            finished.append(index)
+            if len(pending_inputs) >= self.batch_size:
+                flush()
+                for done in finished:
+                    self._store(self._cache_file(key_dir, hashes[done]), out[done])
+                finished.clear()
+        flush()
+        for done in finished:
+            self._store(self._cache_file(key_dir, hashes[done]), out[done])
+        bar.close()
+        stats.extracted = len(missing)
+        stats.seconds = time.perf_counter() - started
+        self.stats.add(stats)
+        if missing:
+            logger.info("%s: %d images from cache, %d extracted (%d backbone passes) in %.1fs",
+                        description, stats.cached, stats.extracted, stats.forward_passes, stats.seconds)
+        else:
+            logger.info("%s: all %d images from cache", description, stats.cached)
+        return out if augmented else out[:, 0]
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
