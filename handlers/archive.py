@@ -22,6 +22,7 @@ import yaml
 
 from handlers.backbones import file_sha256, get_backbone
 from handlers.naming import archive_file_name, validate_name, validate_version
+from handlers.manifest import read_archive_info  # noqa: F401  (torch-free; re-exported here)
 from handlers.constants import (
     CHECK_IMAGES_DIR,
     HEAD_FILE,
@@ -144,15 +145,6 @@ def _run_model_archiver(name: str, version: str, stage: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"torch-model-archiver failed ({result.returncode}): {result.stderr.strip()}")
-
-
-def read_archive_info(archive: str | Path) -> dict:
-    """model_info.json of a built archive, without unpacking it. Raises ValueError if it is not one."""
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            return json.loads(zf.read(MODEL_INFO_FILE))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, EOFError) as exc:
-        raise ValueError(f"{archive} is not a model archive of this project: {exc}") from None
 
 
 def extract_archive(archive: str | Path, into: str | Path) -> Path:

@@ -40,6 +40,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-store", type=Path, default=PROJECT_ROOT / "archives", help="TorchServe model store")
     parser.add_argument("--workdir", type=Path, default=PROJECT_ROOT / "runtime",
                         help="TorchServe's working directory (key_file.json, logs)")
+    parser.add_argument("--restore", action=argparse.BooleanOptionalAction, default=True,
+                        help="bring back the models and default versions registered before the last stop "
+                             "(TorchServe snapshots in <workdir>/logs/config)")
     return parser
 
 
@@ -64,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     )
     # Ctrl-C or a service manager's SIGTERM: stop TorchServe and its workers with us.
     signal.signal(signal.SIGTERM, _interrupt)
-    server.start()
+    server.start(restore=args.restore)
     logger.info("serving %s v%s at %s/predictions/%s", args.backbone, args.version, server.inference_url, args.backbone)
     logger.info("management API at %s; keys in %s; logs in %s", server.management_url, server.key_file, server.log_dir)
     logger.info("try: curl -H \"Authorization: Bearer $(python -c \"import json; print(json.load(open('%s'))['inference']['key'])\")\" "

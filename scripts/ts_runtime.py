@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -127,11 +128,30 @@ class TorchServe:
     def log_dir(self) -> Path:
         return self.workdir / "logs"
 
-    def start(self, timeout: float = 120.0, snapshots: bool = False) -> "TorchServe":
-        """Start and wait until the server answers and every loaded model has a ready worker."""
+    @property
+    def snapshot_dir(self) -> Path:
+        """Where TorchServe writes a snapshot after every registration change (when snapshots are on)."""
+        return self.log_dir / "config"
+
+    def start(self, timeout: float = 120.0, snapshots: bool = False, restore: bool = False) -> "TorchServe":
+        """Start and wait until the server answers and every loaded model has a ready worker.
+
+        snapshots: let TorchServe record every registration change in ``snapshot_dir``.
+        restore: (implies snapshots) bring back the models, versions, workers and default versions of
+        the latest snapshot; ``models`` not in it are registered as well.
+        """
         (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
         self.model_store.mkdir(parents=True, exist_ok=True)
-        write_properties(self.config_path, self.properties)
+        properties = dict(self.properties)
+        snapshots = snapshots or restore
+        snapshot = latest_snapshot(self.snapshot_dir, self.model_store) if restore else None
+        if snapshot is not None:
+            # TorchServe ignores its snapshots when started with --ts-config (ConfigManager reads the
+            # last snapshot only without one), but it restores a model_snapshot property found in the
+            # config file, and then skips load_models.
+            properties["model_snapshot"] = json.dumps(snapshot)
+            properties.pop("load_models", None)
+        write_properties(self.config_path, properties)
         env = {
             **os.environ,
             "TMPDIR": str(self.workdir / "tmp"),
@@ -155,10 +175,29 @@ class TorchServe:
         )
         try:
             self.wait_ready(timeout)
+            if snapshot is not None:
+                self._register_missing(snapshot, timeout)
         except BaseException:
             self.stop()  # never leave a half-started server (and its pid file) behind
             raise
         return self
+
+    def restart(self, timeout: float = 120.0) -> "TorchServe":
+        """Stop, then start again restoring the registrations of the latest snapshot (see start)."""
+        self.stop()
+        return self.start(timeout, restore=True)
+
+    def _register_missing(self, snapshot: dict, timeout: float) -> None:
+        """Register ``models`` ("name=file.mar,...") that the restored snapshot did not contain."""
+        wanted = self.properties.get("load_models") or ""
+        for item in filter(None, (part.strip() for part in wanted.split(","))):
+            name, _, file_name = item.rpartition("=")
+            if item != "ALL" and name not in snapshot.get("models", {}):
+                response = self.management("POST", "/models", timeout=timeout,
+                                           params={"url": file_name, "model_name": name, "synchronous": "true"})
+                if response.status_code != 200:
+                    raise RuntimeError(f"registering {item} after restore failed: {response.text.strip()}")
+        self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -168,8 +207,8 @@ class TorchServe:
             try:
                 if self.key_file.exists() and self._models_ready():
                     return
-            except requests.RequestException:
-                pass
+            except (requests.RequestException, ValueError, KeyError):
+                pass  # not answering yet, or key_file.json still being written
             time.sleep(0.5)
         raise TimeoutError(f"TorchServe not ready after {timeout:.0f}s; see {self.log_dir}")
 
@@ -247,6 +286,49 @@ def _wait_group_gone(group: int, timeout: float) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+_PROPERTY_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f"}
+
+
+def _unescape_property(value: str) -> str:
+    """Undo java.util.Properties.store escaping (\\: \\= \\n \\uXXXX ...)."""
+    def replace(match: re.Match) -> str:
+        escaped = match.group(1)
+        if len(escaped) == 5:
+            return chr(int(escaped[1:], 16))
+        return _PROPERTY_ESCAPES.get(escaped, escaped)
+    return re.sub(r"\\(u[0-9a-fA-F]{4}|.)", replace, value)
+
+
+def latest_snapshot(snapshot_dir: str | Path, model_store: str | Path | None = None) -> dict | None:
+    """The model_snapshot of TorchServe's newest snapshot file, or None if there is none.
+
+    Versions whose archive is no longer in ``model_store`` are dropped (TorchServe would refuse to
+    start on them); a model left without versions is dropped entirely.
+    """
+    files = sorted(Path(snapshot_dir).glob("*.cfg"), key=lambda p: (p.stat().st_mtime, p.name))
+    for path in reversed(files):
+        for line in path.read_text().splitlines():
+            if line.startswith("model_snapshot="):
+                snapshot = json.loads(_unescape_property(line.split("=", 1)[1]))
+                break
+        else:
+            continue
+        if model_store is not None:
+            for name, versions in list(snapshot.get("models", {}).items()):
+                for version, entry in list(versions.items()):
+                    if not (Path(model_store) / entry["marName"]).is_file():
+                        logger.warning("snapshot %s: %s v%s dropped, %s is gone", path.name, name, version,
+                                       entry["marName"])
+                        del versions[version]
+                if not versions:
+                    del snapshot["models"][name]
+                elif not any(v.get("defaultVersion") for v in versions.values()):
+                    max(versions.values(), key=lambda v: v["marName"])["defaultVersion"] = True
+            snapshot["modelCount"] = len(snapshot["models"])
+        return snapshot if snapshot.get("models") else None
+    return None
 
 
 def install_archive(archive: str | Path, model_store: str | Path) -> Path:
