@@ -43,7 +43,10 @@ class BatchingConfig:
     """TorchServe's dynamic batching and worker settings, written to model-config.yaml."""
 
     batch_size: int = 8
-    max_batch_delay_ms: int = 5
+    # 1 ms, not 5: a lone request waits the whole delay for company that never comes (resnet18, one
+    # client: p50 24 ms at 5 ms, 17.5 ms at 1 ms, same 16-client throughput; scripts/bench_serving.py).
+    # 0 is worse still: TorchServe 0.12 then answers a lone request after about 100 ms.
+    max_batch_delay_ms: int = 1
     workers: int = 1
     torch_threads: int = 0  # 0: the handler divides the machine's cores among the workers
     response_timeout_s: int = 120

@@ -30,8 +30,8 @@ def add_batching_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("serving")
     group.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="backbone precision inside the worker (bf16: autocast, channels-last)")
-    group.add_argument("--batch-size", type=int, default=8, help="TorchServe dynamic batch size")
-    group.add_argument("--max-batch-delay", type=int, default=5,
+    group.add_argument("--batch-size", type=int, default=BatchingConfig.batch_size, help="TorchServe dynamic batch size")
+    group.add_argument("--max-batch-delay", type=int, default=BatchingConfig.max_batch_delay_ms,
                        help="ms TorchServe waits to fill a batch")
     group.add_argument("--workers", type=int, default=1, help="workers per model version")
     group.add_argument("--torch-threads", type=int, default=0,

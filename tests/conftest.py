@@ -90,6 +90,22 @@ def torchserve_factory(tmp_path_factory):
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def empty_server_factory(tmp_path_factory):
+    """For one test module: start() -> a TorchServe with an empty model store (tests register models)."""
+    servers: list[TorchServe] = []
+
+    def start() -> TorchServe:
+        root = tmp_path_factory.mktemp("module-server")
+        server = TorchServe(model_store=root / "model-store", workdir=root / "work")
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def imagenet_server(tmp_path_factory, efficientnet_archive, resnet18_archive):
     """One TorchServe for the session serving both backbone archives (names as in their manifests)."""

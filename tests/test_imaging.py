@@ -51,3 +51,34 @@ def test_bad_input_raises_a_clear_error(data, status, words):
         decode_image(data)
     assert caught.value.status == status
     assert words in str(caught.value)
+
+
+def test_eval_preprocessing_matches_torchvision(datasets_dir, samples_dir):
+    """Our Pillow-only resize + crop + normalise gives torchvision's numbers (workers skip importing it)."""
+    import torch
+    from torchvision.transforms import v2 as T
+
+    from handlers.backbones import backbone_names, get_backbone
+    from handlers.imaging import eval_transform
+
+    photos = sorted(datasets_dir.glob("*/val/*/*"))[::25] + sorted(samples_dir.glob("*.*g"))
+    for name in backbone_names():
+        p = get_backbone(name).preprocessing
+        reference = T.Compose([
+            T.Resize(p.resize_size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+            T.CenterCrop(p.crop_size), T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(p.mean, p.std),
+        ])
+        ours = eval_transform(p)
+        for photo in photos:
+            image = decode_image(photo.read_bytes(), min_side=p.resize_size)
+            assert torch.allclose(ours(image), reference(image), atol=1e-5), (name, photo)
+
+
+def test_the_served_path_does_not_import_torchvision():
+    """Each TorchServe worker would pay about 150 MB for it."""
+    import subprocess
+    import sys
+
+    code = "import sys, handlers.recognition_handler, handlers.recognizer; print('torchvision' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr

@@ -16,7 +16,6 @@ import time
 import pytest
 
 from scripts import manage
-from scripts.ts_runtime import TorchServe
 from tests.lifecycle_heads import NAME, LoadClients, head_archives, summarise, val_photos
 
 CLIENTS = 8
@@ -28,12 +27,8 @@ def heads(datasets_dir, archive_dir):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lifecycle")
-    server = TorchServe(model_store=root / "model-store", workdir=root / "work")
-    server.start()
-    yield server
-    server.stop()
+def server(empty_server_factory):
+    return empty_server_factory()
 
 
 @pytest.fixture(scope="module")

@@ -22,18 +22,14 @@ import requests
 
 from handlers.manifest import MAR_MANIFEST_FILE
 from scripts import manage
-from scripts.ts_runtime import SHIPPED_CONFIG, TorchServe, auth_header, read_properties
+from scripts.ts_runtime import SHIPPED_CONFIG, auth_header, read_properties
 
 MANAGE = Path(manage.__file__)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("security")
-    server = TorchServe(model_store=root / "model-store", workdir=root / "work")
-    server.start()
-    yield server
-    server.stop()
+def server(empty_server_factory):
+    return empty_server_factory()
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):

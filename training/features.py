@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from handlers.backbones import Preprocessing, file_sha256, get_backbone
@@ -51,7 +50,12 @@ class Augmentation:
     jitter: float = 0.0  # brightness/contrast/saturation jitter
     rotation: float = 0.0  # degrees, either way
 
-    def transform(self, preprocessing: Preprocessing) -> T.Compose:
+    def transform(self, preprocessing: Preprocessing):
+        """RGB PIL image -> a randomly augmented, normalised float tensor (3, crop, crop)."""
+        # Imported here: a warm run (every feature cached) never augments, and importing
+        # torchvision costs about a second of its few.
+        from torchvision.transforms import v2 as T
+
         return T.Compose(
             [
                 # Resize first as the eval path does: crops then see the same detail scale.
@@ -109,9 +113,15 @@ class FeatureExtractor:
         self.use_cache = use_cache
         self.preprocessing = self.backbone.preprocessing
         self.eval_transform = eval_transform(self.preprocessing)
-        self.train_transform = self.augmentation.transform(self.preprocessing)
+        self._train_transform = None  # built on the first augmented cache miss
         self.stats = ExtractionStats()
         self._network = None  # loaded on the first cache miss: a warm run never pays for it
+
+    @property
+    def train_transform(self):
+        if self._train_transform is None:
+            self._train_transform = self.augmentation.transform(self.preprocessing)
+        return self._train_transform
 
     @property
     def network(self):
