@@ -34,14 +34,13 @@ class Recognizer(nn.Module):
         self.network = network.eval()
         self.head = head.eval() if head is not None else None
         self.precision = precision
-        if precision == "bf16":
-            # oneDNN's bf16 convolutions (AMX on this CPU) want NHWC activations.
-            self.network = self.network.to(memory_format=torch.channels_last)
+        # oneDNN's convolutions run faster on NHWC activations, in fp32 as in bf16 (same fp32 math:
+        # resnet18 batch 8 measured 13.1 -> 8.2 ms/image here, outputs within 3e-6).
+        self.network = self.network.to(memory_format=torch.channels_last)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, D) float32 backbone features."""
-        if self.precision == "bf16":
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             return self.network.features(images).float()
 

@@ -290,8 +290,9 @@ def large_photo_timings(photos: list[Path], preprocessor) -> dict:
 
     from PIL import Image
 
-    from handlers.imaging import decode_image
+    from handlers.imaging import decode_image, eval_transform
 
+    transform = eval_transform(preprocessor.preprocessing)
     biggest = max((p for p in photos if p.suffix.lower() in (".jpg", ".jpeg")), key=lambda p: p.stat().st_size)
     with Image.open(biggest) as image:
         big = image.convert("RGB").resize((4000, 3000), Image.BILINEAR)
@@ -299,8 +300,8 @@ def large_photo_timings(photos: list[Path], preprocessor) -> dict:
     big.save(buffer, "JPEG", quality=90)
     data = buffer.getvalue()
     size = preprocessor.preprocessing.resize_size
-    draft = _median_time(lambda: preprocessor.transform(decode_image(data, min_side=size)), 5, 1)
-    full = _median_time(lambda: preprocessor.transform(decode_image(data)), 5, 1)
+    draft = _median_time(lambda: transform(decode_image(data, min_side=size)), 5, 1)
+    full = _median_time(lambda: transform(decode_image(data)), 5, 1)
     return {"source": biggest.name, "bytes": len(data), "draft_ms": draft * 1e3, "full_ms": full * 1e3}
 
 
