@@ -22,7 +22,6 @@ import yaml
 
 from handlers.backbones import file_sha256, get_backbone
 from handlers.naming import archive_file_name, validate_name, validate_version
-from handlers.manifest import read_archive_info  # noqa: F401  (torch-free; re-exported here)
 from handlers.constants import (
     CHECK_IMAGES_DIR,
     HEAD_FILE,

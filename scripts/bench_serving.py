@@ -748,7 +748,7 @@ def lever_lines(archives: dict, runs: dict, offline: dict, costs: dict, top: int
     base1, base_top = runs.get(("resnet18", 1)), runs.get(("resnet18", top))
     if not base1 or not base_top:
         return []
-    lines = ["", f"### Levers (resnet18; each variant changes one thing against the default archive, same server)", "",
+    lines = ["", "### Levers (resnet18; each variant changes one thing against the default archive, same server)", "",
              f"| variant | 1-client p50 ms | vs default | {top}-client img/s | vs default |", "|---|---|---|---|---|"]
     for name in archives:
         one, many = runs.get((name, 1)), runs.get((name, top))

@@ -35,9 +35,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -62,6 +60,7 @@ from scripts.ts_runtime import (  # noqa: E402
     PROJECT_ROOT,
     SHIPPED_CONFIG,
     auth_header,
+    install_archive,
     read_keys,
     read_properties,
 )
@@ -320,15 +319,7 @@ def install(facts: ArchiveFacts, model_store: Path) -> tuple[Path, bool]:
             return target, False
         raise ManageError(f"{target} already exists with different contents; build a new version",
                           EXIT_REFUSED)
-    model_store.mkdir(parents=True, exist_ok=True)
-    # Copy under a temporary name, then rename: TorchServe never sees half a file.
-    with tempfile.NamedTemporaryFile(dir=model_store, prefix=".incoming-", suffix=".part", delete=False) as tmp:
-        partial = Path(tmp.name)
-    try:
-        shutil.copyfile(source, partial)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    install_archive(source, model_store, target.name)
     logger.info("copied %s into the model store as %s", source, target.name)
     return target, True
 

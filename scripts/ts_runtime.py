@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,14 +34,28 @@ KEY_FILE_NAME = "key_file.json"
 DEFAULT_TIMEOUT_S = 30.0
 
 
+_PROPERTY_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f"}
+
+
+def _unescape_property(value: str) -> str:
+    """Undo java.util.Properties.store escaping (\\: \\= \\n \\uXXXX ...)."""
+    def replace(match: re.Match) -> str:
+        escaped = match.group(1)
+        if len(escaped) == 5:
+            return chr(int(escaped[1:], 16))
+        return _PROPERTY_ESCAPES.get(escaped, escaped)
+    return re.sub(r"\\(u[0-9a-fA-F]{4}|.)", replace, value)
+
+
 def read_properties(path: str | Path) -> dict[str, str]:
-    """A Java .properties file as a dict (the subset TorchServe uses: key=value, # comments)."""
+    """A Java .properties file as a dict (the subset TorchServe uses: key=value, # comments,
+    and the escapes java.util.Properties.store writes into TorchServe's snapshots)."""
     properties = {}
     for line in Path(path).read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#") and "=" in line:
             key, value = line.split("=", 1)
-            properties[key.strip()] = value.strip()
+            properties[key.strip()] = _unescape_property(value.strip())
     return properties
 
 
@@ -288,19 +303,6 @@ def _wait_group_gone(group: int, timeout: float) -> bool:
     return False
 
 
-_PROPERTY_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f"}
-
-
-def _unescape_property(value: str) -> str:
-    """Undo java.util.Properties.store escaping (\\: \\= \\n \\uXXXX ...)."""
-    def replace(match: re.Match) -> str:
-        escaped = match.group(1)
-        if len(escaped) == 5:
-            return chr(int(escaped[1:], 16))
-        return _PROPERTY_ESCAPES.get(escaped, escaped)
-    return re.sub(r"\\(u[0-9a-fA-F]{4}|.)", replace, value)
-
-
 def latest_snapshot(snapshot_dir: str | Path, model_store: str | Path | None = None) -> dict | None:
     """The model_snapshot of TorchServe's newest snapshot file, or None if there is none.
 
@@ -309,12 +311,10 @@ def latest_snapshot(snapshot_dir: str | Path, model_store: str | Path | None = N
     """
     files = sorted(Path(snapshot_dir).glob("*.cfg"), key=lambda p: (p.stat().st_mtime, p.name))
     for path in reversed(files):
-        for line in path.read_text().splitlines():
-            if line.startswith("model_snapshot="):
-                snapshot = json.loads(_unescape_property(line.split("=", 1)[1]))
-                break
-        else:
+        raw = read_properties(path).get("model_snapshot")
+        if raw is None:
             continue
+        snapshot = json.loads(raw)
         if model_store is not None:
             for name, versions in list(snapshot.get("models", {}).items()):
                 for version, entry in list(versions.items()):
@@ -331,9 +331,20 @@ def latest_snapshot(snapshot_dir: str | Path, model_store: str | Path | None = N
     return None
 
 
-def install_archive(archive: str | Path, model_store: str | Path) -> Path:
-    """Copy an archive into a model store (TorchServe registers local archives by file name)."""
-    target = Path(model_store) / Path(archive).name
-    if Path(archive).resolve() != target.resolve():
-        shutil.copyfile(archive, target)
+def install_archive(archive: str | Path, model_store: str | Path, file_name: str | None = None) -> Path:
+    """Copy an archive into a model store (TorchServe registers local archives by file name).
+
+    The copy is written under a temporary name and renamed, so TorchServe never sees half a file.
+    """
+    target = Path(model_store) / (file_name or Path(archive).name)
+    if Path(archive).resolve() == target.resolve():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".incoming-", suffix=".part", delete=False) as tmp:
+        partial = Path(tmp.name)
+    try:
+        shutil.copyfile(archive, partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
     return target

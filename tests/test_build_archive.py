@@ -7,7 +7,7 @@ import zipfile
 import pytest
 import yaml
 
-from handlers.archive import read_archive_info
+from handlers.manifest import read_archive_info
 from handlers.backbones import WeightsNotFoundError, backbone_names, file_sha256, get_backbone
 from scripts.ts_runtime import PROJECT_ROOT
 

@@ -13,7 +13,8 @@ import sys
 
 import torch
 
-from handlers.archive import extract_archive, read_archive_info
+from handlers.archive import extract_archive
+from handlers.manifest import read_archive_info
 from handlers.constants import TOP_K, VERSION_HEADER
 from handlers.imaging import ImagePreprocessor
 from handlers.recognizer import load_recognizer

@@ -13,7 +13,8 @@ import sys
 import pytest
 import torch
 
-from handlers.archive import build_archive, extract_archive, read_archive_info
+from handlers.archive import build_archive, extract_archive
+from handlers.manifest import read_archive_info
 from handlers.backbones import FeatureClassifier, get_backbone, imagenet_categories
 from handlers.imaging import ImagePreprocessor, decode_image, eval_transform
 from handlers.recognizer import Recognizer, load_recognizer

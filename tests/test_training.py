@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from handlers.archive import read_archive_info
+from handlers.manifest import read_archive_info
 from handlers.heads import HEADS, build_head
 from training import train_head
 from training.data import DataError, load_dataset, normalised_class_name

@@ -166,7 +166,7 @@ class FeatureExtractor:
         """
         started = time.perf_counter()
         stats = ExtractionStats(images=len(paths))
-        hashes = list(hashes) if hashes is not None else [_sha256_file(p) for p in paths]
+        hashes = list(hashes) if hashes is not None else [file_sha256(p) for p in paths]
         augmented = views > 0
         n_views = views if augmented else 1
         key_dir = self._key_dir(
@@ -232,7 +232,3 @@ class FeatureExtractor:
         else:
             logger.info("%s: all %d images from cache", description, stats.cached)
         return out if augmented else out[:, 0]
-
-
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
