@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from handlers import resnet
 from handlers.constants import CROP_SIZE, IMAGENET_MEAN, IMAGENET_STD, RESIZE_SIZE
 
 logger = logging.getLogger(__name__)
@@ -144,15 +145,14 @@ def imagenet_categories() -> list[str]:
 
 @register_backbone
 class ResNet18(Backbone):
-    """torchvision ResNet-18 with ``ResNet18_Weights.IMAGENET1K_V1``."""
+    """torchvision's ResNet-18 architecture with ``ResNet18_Weights.IMAGENET1K_V1``."""
 
     name = "resnet18"
     feature_dim = 512
 
     def build_network(self) -> nn.Module:
-        from torchvision.models import resnet18
-
-        return resnet18(weights=None)
+        # handlers/resnet.py, not torchvision: workers have no torchvision (its module says why).
+        return resnet.ResNet18()
 
     def split(self, network):
         classifier = network.fc

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the service and its tests need, idempotently:
-#   Java 17+ (TorchServe's frontend), a Python virtual environment in .venv, pinned packages.
-# Re-running is cheap: packages are reinstalled only when requirements.txt changed.
+#   Java 17+ (TorchServe's frontend); .venv (training, tests, benchmarks) and .venv-serve (the
+#   TorchServe runtime), each with its pinned packages.
+# Re-running is cheap: packages are reinstalled only when a requirements file changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,16 +22,34 @@ fi
 log "java $(java_major)"
 
 PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-  log "creating .venv with $($PYTHON --version)"
-  "$PYTHON" -m venv .venv
-fi
 
-stamp=.venv/.requirements.sha256
-want=$(sha256sum requirements.txt | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  log "installing requirements.txt (torch is large: a minute or two)"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+# install_venv DIR REQUIREMENTS [PIP ARGS...]: create DIR if absent, install REQUIREMENTS into it
+# when they changed since the last successful install (a stamp file holds their hash).
+install_venv() {
+  local dir=$1 requirements=$2; shift 2
+  if [ ! -x "$dir/bin/python" ]; then
+    log "creating $dir with $($PYTHON --version)"
+    "$PYTHON" -m venv "$dir" || return 1
+  fi
+  local stamp="$dir/.requirements.sha256" want
+  want=$(sha256sum "$requirements" | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return 0
+  fi
+  log "installing $requirements into $dir (torch is large: a minute or two)"
+  # Explicit returns: errexit does not apply inside a function called as an if condition.
+  "$dir/bin/python" -m pip install -q --disable-pip-version-check -r "$requirements" "$@" || return 1
   echo "$want" > "$stamp"
+}
+
+# Training, tests and benchmarks.
+install_venv .venv requirements.txt
+# The TorchServe runtime (see requirements-serve.txt for why it is a second environment). The CPU
+# build of torch is not on PyPI: this machine has it on local disk; elsewhere it comes from
+# PyTorch's CPU index, tried only when the plain install fails.
+if ! install_venv .venv-serve requirements-serve.txt; then
+  log "torch CPU build not found locally: trying https://download.pytorch.org/whl/cpu"
+  install_venv .venv-serve requirements-serve.txt --extra-index-url https://download.pytorch.org/whl/cpu
 fi
-log "ready: $(.venv/bin/python -c 'import torch, ts; print("torch", torch.__version__, "torchserve", ts.__version__)')"
+log "ready: $(.venv/bin/python -c 'import torch, ts; print("tools: torch", torch.__version__, "torchserve", ts.__version__)')"
+log "ready: $(.venv-serve/bin/python -c 'import torch, ts; print("serving: torch", torch.__version__, "torchserve", ts.__version__)')"

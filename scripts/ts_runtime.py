@@ -18,7 +18,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +31,23 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIG = PROJECT_ROOT / "config.properties"
 KEY_FILE_NAME = "key_file.json"
 DEFAULT_TIMEOUT_S = 30.0
+# TorchServe runs from its own environment, which scripts/setup.sh builds: its launcher hands its own
+# interpreter to the frontend for the workers, and workers use the CPU build of torch
+# (requirements-serve.txt says why). The variable points the tools at another such environment.
+SERVE_VENV_VAR = "RECOGNIZER_SERVE_VENV"
+DEFAULT_SERVE_VENV = PROJECT_ROOT / ".venv-serve"
+
+
+def torchserve_executable() -> Path:
+    """The ``torchserve`` launcher of the serving environment."""
+    venv = Path(os.environ.get(SERVE_VENV_VAR) or DEFAULT_SERVE_VENV)
+    launcher = venv / "bin" / "torchserve"
+    if not launcher.is_file():
+        raise RuntimeError(
+            f"no TorchServe runtime at {venv}: run scripts/setup.sh, or set {SERVE_VENV_VAR} to a virtual "
+            "environment with requirements-serve.txt installed"
+        )
+    return launcher
 
 
 _PROPERTY_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f"}
@@ -176,7 +192,7 @@ class TorchServe:
             **self.extra_env,
         }
         command = [
-            str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground",
+            str(torchserve_executable()), "--start", "--foreground",
             "--ts-config", str(self.config_path), "--model-store", str(self.model_store),
         ]
         if not snapshots:

@@ -54,9 +54,12 @@ def efficientnet_archive(archive_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def resnet18_weights(tmp_path_factory) -> Path:
-    """A ResNet-18 state_dict the test makes itself (genuine weights cannot be downloaded here)."""
+    """A ResNet-18 state_dict the test makes itself (genuine weights cannot be downloaded here), from
+    torchvision's own architecture, as the genuine weights are."""
+    import torchvision
+
     torch.manual_seed(0)
-    network = get_backbone("resnet18").build_network()
+    network = torchvision.models.resnet18(weights=None)
     path = tmp_path_factory.mktemp("weights") / "resnet18-selfmade.pth"
     torch.save(network.state_dict(), path)
     return path

@@ -31,6 +31,25 @@ def test_each_backbone_owns_its_preprocessing_and_feature_size():
     assert lite.preprocessing.mean == (0.5, 0.5, 0.5)
 
 
+def test_resnet18_is_torchvisions_architecture_without_torchvision(resnet18_weights):
+    """Workers build ResNet-18 from handlers/resnet.py; torchvision's weights must load unchanged and
+    give torchvision's outputs."""
+    import torch
+    import torchvision
+
+    state_dict = torch.load(resnet18_weights, weights_only=True)
+    reference = torchvision.models.resnet18(weights=None).eval()
+    reference.load_state_dict(state_dict)
+    ours = get_backbone("resnet18").load(resnet18_weights)
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = reference(images)
+        torch.testing.assert_close(ours(images), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.features(images) @ reference.fc.weight.T + reference.fc.bias, expected,
+                                   rtol=1e-5, atol=1e-5)
+    assert expected.std() > 0  # a live network, not constant outputs
+
+
 def test_resnet18_weights_come_from_a_path_then_the_environment(resnet18_weights, monkeypatch, tmp_path):
     backbone = get_backbone("resnet18")
     assert backbone.resolve_weights(resnet18_weights) == resnet18_weights

@@ -74,11 +74,16 @@ def test_eval_preprocessing_matches_torchvision(datasets_dir, samples_dir):
             assert torch.allclose(ours(image), reference(image), atol=1e-5), (name, photo)
 
 
-def test_the_served_path_does_not_import_torchvision():
-    """Each TorchServe worker would pay about 150 MB for it."""
+def test_the_served_path_runs_in_the_serving_environment_without_torchvision():
+    """Workers run in .venv-serve (CPU torch, no torchvision installed); importing torchvision would
+    also cost each worker about 150 MB."""
     import subprocess
-    import sys
 
-    code = "import sys, handlers.recognition_handler, handlers.recognizer; print('torchvision' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    from scripts.ts_runtime import PROJECT_ROOT, torchserve_executable
+
+    code = ("import sys, handlers.recognition_handler, handlers.recognizer, handlers.backbones; "
+            "print('torchvision' in sys.modules)")
+    serve_python = torchserve_executable().with_name("python")
+    result = subprocess.run([str(serve_python), "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=PROJECT_ROOT)
     assert result.stdout.strip() == "False", result.stderr
