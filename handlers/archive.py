@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -21,9 +22,11 @@ import torch
 import yaml
 
 from handlers.backbones import file_sha256, get_backbone
+from handlers.compiled import compile_in_environment
 from handlers.naming import archive_file_name, validate_name, validate_version
 from handlers.constants import (
     CHECK_IMAGES_DIR,
+    COMPILED_FEATURES_FILE,
     HEAD_FILE,
     LABELS_FILE,
     MODEL_CONFIG_FILE,
@@ -47,8 +50,15 @@ class BatchingConfig:
     # 0 is worse still: TorchServe 0.12 then answers a lone request after about 100 ms.
     max_batch_delay_ms: int = 1
     workers: int = 1
-    torch_threads: int = 0  # 0: the handler divides the machine's cores among the workers
+    torch_threads: int = 0  # 0: the machine's cores divided among the workers
     response_timeout_s: int = 120
+
+    @property
+    def threads(self) -> int:
+        """torch threads of each worker: never more than the cores in all (no oversubscription)."""
+        if self.torch_threads > 0:
+            return self.torch_threads
+        return max(1, (os.cpu_count() or 1) // self.workers)
 
     def to_yaml(self) -> dict:
         return {
@@ -74,6 +84,7 @@ def build_archive(
     info: dict | None = None,
     check_images: list[tuple[Path, str]] | None = None,
     batching: BatchingConfig | None = None,
+    compile_with: str | Path | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``out_dir/<name>_v<version>.mar`` and return its path.
@@ -81,11 +92,15 @@ def build_archive(
     head: a fitted ``FeatureHead`` or None for the backbone's ImageNet classifier.
     info: extra manifest entries (training arguments, data fingerprint, metrics...).
     check_images: (image path, expected label) pairs packed for deployment checks.
+    compile_with: the serving environment's Python, to compile the backbone with AOTInductor
+        (handlers/compiled.py); None keeps it eager. fp32 only.
     """
     validate_name(name)
     validate_version(version)
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if compile_with is not None and precision != "fp32":
+        raise ValueError(f"compiling supports fp32 only, not {precision}; build {precision} without compiling")
     backbone = get_backbone(backbone_name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +130,12 @@ def build_archive(
         (extra / LABELS_FILE).write_text(json.dumps({str(i): label for i, label in enumerate(labels)}, indent=1))
         if head is not None:
             torch.save(head.state_dict(), extra / HEAD_FILE)
+        if compile_with is not None:
+            manifest["compiled"] = {
+                "file": COMPILED_FEATURES_FILE,
+                **compile_in_environment(compile_with, backbone.name, Path(weights_path), batching.batch_size,
+                                         batching.threads, extra / COMPILED_FEATURES_FILE),
+            }
         if check_images:
             (extra / CHECK_IMAGES_DIR).mkdir()
             manifest["check_images"] = []

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,7 @@ from http import HTTPStatus
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
+from handlers.archive import BatchingConfig
 from handlers.constants import TOP_K, VERSION_HEADER
 from handlers.imaging import ImageError, ImagePreprocessor
 from handlers.payload import Batch, request_bytes
@@ -57,20 +57,18 @@ class RecognitionHandler(BaseHandler):
         self._trim_timer = None
         self._warm_up()
         logger.info(
-            "loaded %s v%s: backbone %s, %s, %d classes, %d torch threads",
+            "loaded %s v%s: backbone %s (%s, %s), %d classes, %d torch threads",
             self.info.get("name"), self.version, self.info["backbone"], self.model.precision,
-            len(self.labels), torch.get_num_threads(),
+            "compiled" if self.model.compiled else "eager", len(self.labels), torch.get_num_threads(),
         )
 
     @staticmethod
     def _set_threads(model_yaml_config: dict):
         """One worker per model by default: give it the cores, never more (no oversubscription)."""
         options = model_yaml_config.get("handler") or {}
-        threads = int(options.get("torch_threads") or 0)
-        if threads <= 0:
-            workers = int(model_yaml_config.get("minWorkers") or 1)
-            threads = max(1, (os.cpu_count() or 1) // workers)
-        torch.set_num_threads(threads)
+        batching = BatchingConfig(workers=int(model_yaml_config.get("minWorkers") or 1),
+                                  torch_threads=int(options.get("torch_threads") or 0))
+        torch.set_num_threads(batching.threads)
         try:
             torch.set_num_interop_threads(1)
         except RuntimeError:  # only settable before the first parallel op; fine if already set

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from handlers.backbones import Backbone, FeatureClassifier, get_backbone
+from handlers.compiled import CompiledFeatures, load_compiled_features
 from handlers.constants import HEAD_FILE, LABELS_FILE, MODEL_INFO_FILE, PRECISIONS, WEIGHTS_FILE
 from handlers.heads import FeatureHead, build_head
 
@@ -34,6 +35,7 @@ class Recognizer(nn.Module):
         self.network = network.eval()
         self.head = head.eval() if head is not None else None
         self.precision = precision
+        self.compiled = isinstance(self.network.body, CompiledFeatures)
         # oneDNN's convolutions run faster on NHWC activations, in fp32 as in bf16 (same fp32 math:
         # resnet18 batch 8 measured 13.1 -> 8.2 ms/image here, outputs within 3e-6).
         self.network = self.network.to(memory_format=torch.channels_last)
@@ -67,10 +69,12 @@ def read_labels(model_dir: str | Path) -> list[str]:
     return [mapping[str(i)] for i in range(len(mapping))]
 
 
-def load_recognizer(model_dir: str | Path, precision: str | None = None) -> LoadedModel:
+def load_recognizer(model_dir: str | Path, precision: str | None = None, compile: bool = True) -> LoadedModel:
     """Load an unpacked archive (or a staging directory with the same files).
 
     ``precision`` overrides the archive's own setting (benchmarks compare fp32 with bf16).
+    ``compile``: use the archive's compiled backbone where it was built for this machine and torch
+    (handlers/compiled.py); False, or any other precision, runs the eager backbone.
     """
     model_dir = Path(model_dir)
     info = read_model_info(model_dir)
@@ -81,7 +85,13 @@ def load_recognizer(model_dir: str | Path, precision: str | None = None) -> Load
         head = build_head(info["head"]["type"], backbone.feature_dim, info["head"]["num_classes"])
         head.load_state_dict(torch.load(model_dir / HEAD_FILE, map_location="cpu", weights_only=True))
     labels = read_labels(model_dir)
-    recognizer = Recognizer(network, head, precision or info.get("precision", "fp32"))
+    precision = precision or info.get("precision", "fp32")
+    compiled = info.get("compiled")
+    if compiled and precision == "fp32" and compile:
+        body = load_compiled_features(model_dir / compiled["file"], compiled)
+        if body is not None:
+            network.body = body  # the eager body's weights are freed
+    recognizer = Recognizer(network, head, precision)
     for parameter in recognizer.parameters():
         parameter.requires_grad_(False)
     return LoadedModel(recognizer, labels, info, backbone)

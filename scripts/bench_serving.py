@@ -6,11 +6,12 @@
 What it does, in order:
 1. Offline, in a child process (so that no torch pages of this process are counted in the servers'
    proportional memory later): the in-process reference (fp32 eager resnet18: batch-1 latency of
-   decode + preprocess + forward for real photos, batch-16 forward throughput), the costs behind the
-   ceiling (preprocessing per image on one core, forward per image at the served batch size), the
-   accuracy guard (reduced precision against fp32 on every val image of ../shared/datasets), and the
-   archives: resnet18 (self-made weights, as in tests/conftest.py), efficientnet_lite0 and two
-   prototype heads on it (clothing10, signdigits10).
+   decode + preprocess + forward for real photos, batch-16 forward throughput), preprocessing costs,
+   and the archives: resnet18 (self-made weights, as in tests/conftest.py) with its lever variants,
+   efficientnet_lite0 and two prototype heads on it (clothing10, signdigits10). Then, with the
+   workers' torch (scripts/bench_in_worker.py in .venv-serve): the forward costs behind the ceiling
+   and the accuracy guard (compiled and bf16 against fp32 eager on every val image of
+   ../shared/datasets), for each variant of the served archives.
 2. Served: one TorchServe with the resnet18 archives, then one with efficientnet_lite0 and the two
    heads (the memory target: backbone plus two heads, one worker each). Each model is loaded by
    1, 4 and 16 closed-loop clients sending real photos; throughput, p50/p95/p99 latency, CPU use of
@@ -50,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import psutil  # noqa: E402
 
 from handlers.constants import PRECISIONS  # noqa: E402
-from scripts.ts_runtime import PROJECT_ROOT, TorchServe, auth_header, install_archive  # noqa: E402
+from scripts.bench_in_worker import GUARD_MAX_PROB_CHANGE, GUARD_MIN_TOP1, REFERENCE_VARIANT, VARIANTS  # noqa: E402
+from scripts.ts_runtime import PROJECT_ROOT, TorchServe, auth_header, install_archive, serving_python  # noqa: E402
 
 logger = logging.getLogger("bench_serving")
 
@@ -60,9 +62,7 @@ SECTION = "## Serving speed"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 HEAD_SETS = ("clothing10", "signdigits10")  # the two heads of the memory target; the first is load-tested
 HEAD_SHOTS = 20  # training images per class for the benchmark's heads
-GUARD_MIN_TOP1 = 0.99
-GUARD_MAX_PROB_CHANGE = 0.02
-RESNET18_SEED = 0  # tests/conftest.py resnet18_weights: torch.manual_seed(0) + build_network
+RESNET18_SEED = 0  # the self-made resnet18 weights: torch.manual_seed(0), then the network's own init
 RESNET18_WEIGHTS_FILE = "resnet18-selfmade.pth"
 MEMORY_TARGET_MB = 1536
 LEVER_DELAYS_MS = (0, 1, 5, 10)  # max batch delays tried against the default archive's
@@ -88,8 +88,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--request-timeout", type=float, default=30.0, help="seconds per HTTP request")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="precision of the served archives (default: scripts/build_archive.py's)")
-    parser.add_argument("--compare-precision", action=argparse.BooleanOptionalAction, default=True,
-                        help="also serve resnet18 in the other precision (the precision lever)")
+    parser.add_argument("--compile", choices=("aoti", "none"), default=None,
+                        help="compile the served archives' backbones (default: scripts/build_archive.py's)")
+    parser.add_argument("--compare-variants", action=argparse.BooleanOptionalAction, default=True,
+                        help="also serve resnet18 as the other variants (fp32 eager, fp32+aoti, bf16)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="TorchServe batch size of the archives (default: handlers.archive.BatchingConfig's)")
     parser.add_argument("--max-batch-delay", type=int, default=None,
@@ -154,11 +156,14 @@ def offline_phase(options: dict) -> dict:
     import torch
 
     from handlers.archive import BatchingConfig
+    from scripts.build_archive import compile_with_from_args
     from scripts.build_archive import get_args_parser as build_parser
 
     workdir = Path(options["workdir"])
     defaults = build_parser().parse_args([])
     precision = options["precision"] or defaults.precision
+    defaults.precision, defaults.compile = precision, options["compile"]
+    compiled = compile_with_from_args(defaults) is not None
     batching = BatchingConfig(
         batch_size=options["batch_size"] or defaults.batch_size,
         max_batch_delay_ms=defaults.max_batch_delay if options["max_batch_delay"] is None else options["max_batch_delay"],
@@ -166,14 +171,49 @@ def offline_phase(options: dict) -> dict:
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     photos = val_photos(Path(options["datasets"]))
-    result = {"precision": precision, "batching": vars(batching), "threads": threads, "photos": len(photos)}
+    default_variant = variant_name(precision, compiled)
+    result = {"variant": default_variant, "batching": vars(batching), "threads": threads, "photos": len(photos)}
     weights = make_resnet18_weights(workdir)
     result["reference"] = reference_timings(weights, photos, options["reference_reps"])
-    result["guard"], heads = accuracy_guard(Path(options["datasets"]), photos, options["guard_images"], weights)
-    precisions = [precision] + ([p for p in PRECISIONS if p != precision] if options["compare_precision"] else [])
-    result["costs"] = cost_timings(weights, photos, batching.batch_size, precisions, options["reference_reps"])
-    result["archives"] = build_bench_archives(workdir, weights, heads, precision, batching, options)
+    result["costs"] = preprocessing_costs(photos, batching.batch_size)
+    heads = fit_heads(Path(options["datasets"]), weights)
+    result["archives"] = build_bench_archives(workdir, weights, heads, default_variant, batching, options)
+    result["worker"] = in_worker_measurements(workdir, result["archives"], photos, batching.batch_size, threads, options)
     return result
+
+
+def variant_name(precision: str, compiled: bool) -> str:
+    """The names of scripts/bench_in_worker.py: fp32, fp32+aoti, bf16."""
+    return f"{precision}+aoti" if compiled else precision
+
+
+def in_worker_measurements(workdir: Path, archives: dict, photos: list[Path], batch_size: int, threads: int,
+                           options: dict) -> dict:
+    """Forward costs and the accuracy guard with the workers' torch (scripts/bench_in_worker.py)."""
+    import subprocess
+
+    guard_photos = spread(photos, options["guard_images"])
+    spec = {
+        "threads": threads, "batch_size": batch_size, "reps": options["reference_reps"],
+        "cost_photos": [str(p) for p in spread(photos, 64)],
+        # Every variant is measured from the default archive of each backbone (fp32+aoti only if compiled).
+        "costs": {name: archives[name]["archive"] for name in ("resnet18", "efficientnet_lite0")},
+        "guard": {
+            "efficientnet_lite0": {"archive": archives["efficientnet_lite0"]["archive"],
+                                   "photos": [str(p) for p in guard_photos]},
+            **{f"head_{s}": {"archive": archives[f"head_{s}"]["archive"],
+                             "photos": [str(p) for p in guard_photos if p.parts[-4] == s]} for s in HEAD_SETS},
+            "resnet18": {"archive": archives["resnet18"]["archive"], "relative": True,
+                         "photos": [str(p) for p in spread(photos, 64)]},
+        },
+    }
+    spec_path, out_path = workdir / "in_worker_spec.json", workdir / "in_worker_result.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    command = [str(serving_python()), str(PROJECT_ROOT / "scripts" / "bench_in_worker.py"),
+               "--spec", str(spec_path), "--out", str(out_path)]
+    logger.info("forward costs and accuracy guard in the serving environment (%d guard images)", len(guard_photos))
+    subprocess.run(command, check=True, cwd=PROJECT_ROOT)
+    return json.loads(out_path.read_text())
 
 
 def reference_phase(options: dict) -> dict:
@@ -235,14 +275,12 @@ def reference_timings(weights: Path, photos: list[Path], reps: int) -> dict:
     }
 
 
-def cost_timings(weights: Path, photos: list[Path], batch_size: int, precisions: list[str], reps: int) -> dict:
-    """Per-image costs behind the ceiling: preprocessing on one core, forward at batch 1 and at the
-    served batch size on all cores, per backbone and precision."""
+def preprocessing_costs(photos: list[Path], batch_size: int) -> dict:
+    """Per-image preprocessing costs behind the ceiling (Pillow and numpy: the same in both environments)."""
     import torch
 
     from handlers.backbones import get_backbone
     from handlers.imaging import ImagePreprocessor, decode_image
-    from handlers.recognizer import Recognizer
 
     costs = {}
     sample = [p.read_bytes() for p in spread(photos, 64)]
@@ -253,17 +291,6 @@ def cost_timings(weights: Path, photos: list[Path], batch_size: int, precisions:
     costs["large_photo"] = large_photo_timings(photos, preprocessor)
     torch.set_num_threads(os.cpu_count() or 1)
     costs["batch_preprocess"] = batch_preprocess_timings(preprocessor, sample, batch_size)
-    for name, path in (("resnet18", weights), ("efficientnet_lite0", None)):
-        backbone = get_backbone(name)
-        batch = torch.stack([preprocessor(d) for d in sample[:batch_size]])
-        for precision in precisions:
-            model = Recognizer(backbone.load(path or backbone.resolve_weights()), None, precision)
-            with torch.inference_mode():
-                one = _median_time(lambda: model(batch[:1]), reps)
-                full = _median_time(lambda: model(batch), max(3, reps // 2))
-            costs[f"{name}/{precision}"] = {"forward1_ms": one * 1e3, "forward_batch_ms_per_image": full / len(batch) * 1e3}
-            logger.info("%s %s: forward b1 %.1f ms, b%d %.1f ms/image", name, precision, one * 1e3,
-                        len(batch), full / len(batch) * 1e3)
     return costs
 
 
@@ -305,11 +332,8 @@ def large_photo_timings(photos: list[Path], preprocessor) -> dict:
     return {"source": biggest.name, "bytes": len(data), "draft_ms": draft * 1e3, "full_ms": full * 1e3}
 
 
-def accuracy_guard(datasets: Path, photos: list[Path], limit: int, resnet18_weights: Path):
-    """bf16 against fp32: efficientnet_lite0 (ImageNet classifier and prototype heads) and resnet18.
-
-    Returns (guard figures, {set name: (fitted fp32 head, class names)}).
-    """
+def fit_heads(datasets: Path, resnet18_weights: Path) -> dict:
+    """{set name: (prototype head fitted on fp32 efficientnet_lite0 features, class names)}."""
     import torch
 
     from handlers.backbones import get_backbone
@@ -318,104 +342,61 @@ def accuracy_guard(datasets: Path, photos: list[Path], limit: int, resnet18_weig
     from handlers.recognizer import Recognizer
 
     backbone = get_backbone("efficientnet_lite0")
-    weights = backbone.resolve_weights()
     preprocessor = ImagePreprocessor(backbone.preprocessing)
-    models = {p: Recognizer(backbone.load(weights), None, p) for p in PRECISIONS}
-
-    def features(paths: list[Path], precision: str) -> torch.Tensor:
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(paths), 32):
-                images = torch.stack([preprocessor(p.read_bytes()) for p in paths[start:start + 32]])
-                out.append(models[precision].features(images))
-        return torch.cat(out)
-
-    guard_photos = spread(photos, limit)
-    logger.info("accuracy guard on %d val images", len(guard_photos))
-    feats = {p: features(guard_photos, p) for p in PRECISIONS}
-    classifier = models["fp32"].network.classifier
-    with torch.inference_mode():
-        guard = {"images": len(guard_photos), "imagenet": compare(classifier(feats["fp32"]), classifier(feats["bf16"]))}
-
-    heads, guard["heads"] = {}, {}
+    model = Recognizer(backbone.load(backbone.resolve_weights()), None, "fp32")
+    heads = {}
     for set_name in HEAD_SETS:
         classes = sorted(d.name for d in (datasets / set_name / "train").iterdir() if d.is_dir())
         train = [(p, i) for i, c in enumerate(classes)
                  for p in sorted((datasets / set_name / "train" / c).iterdir())[:HEAD_SHOTS]]
-        head = build_head("prototype", backbone.feature_dim, len(classes))
-        head.fit(features([p for p, _ in train], "fp32"), torch.tensor([i for _, i in train]))
-        head.eval()
-        rows = [i for i, p in enumerate(guard_photos) if p.parts[-4] == set_name]
         with torch.inference_mode():
-            guard["heads"][set_name] = compare(head(feats["fp32"][rows]), head(feats["bf16"][rows]))
-        heads[set_name] = (head, classes)
-
-    # resnet18's self-made weights give near-uniform logits: report the logit error against the spread.
-    r18 = get_backbone("resnet18")
-    sample = torch.stack([preprocessor(p.read_bytes()) for p in spread(photos, 64)])
-    with torch.inference_mode():
-        logits = {p: Recognizer(r18.load(resnet18_weights), None, p)(sample) for p in PRECISIONS}
-    spread_ = (logits["fp32"].amax(1) - logits["fp32"].amin(1))
-    relative = ((logits["bf16"] - logits["fp32"]).abs().amax(1) / spread_)
-    guard["resnet18"] = {"images": len(sample), "max_relative_logit_change": float(relative.max()),
-                         "median_relative_logit_change": float(relative.median()),
-                         "top1_agreement": float((logits["bf16"].argmax(1) == logits["fp32"].argmax(1)).float().mean())}
-    guard["passed"] = all(c["passed"] for c in [guard["imagenet"], *guard["heads"].values()])
-    return guard, heads
+            features = torch.cat([model.features(torch.stack([preprocessor(p.read_bytes()) for p, _ in train[i:i + 32]]))
+                                  for i in range(0, len(train), 32)])
+        head = build_head("prototype", backbone.feature_dim, len(classes))
+        head.fit(features, torch.tensor([i for _, i in train]))
+        heads[set_name] = (head.eval(), classes)
+    return heads
 
 
-def compare(reference_logits, candidate_logits) -> dict:
-    """Top-1 agreement and the largest probability change among either side's top-3 classes."""
-    import torch
-
-    p_ref, p_new = reference_logits.softmax(1), candidate_logits.softmax(1)
-    k = min(3, p_ref.shape[1])
-    classes = torch.cat([p_ref.topk(k, 1).indices, p_new.topk(k, 1).indices], 1)
-    change = (p_new.gather(1, classes) - p_ref.gather(1, classes)).abs().amax(1)
-    agreement = float((p_ref.argmax(1) == p_new.argmax(1)).float().mean())
-    worst = float(change.max())
-    return {
-        "images": len(p_ref), "top1_agreement": agreement, "max_top3_change": worst,
-        "over_limit": int((change > GUARD_MAX_PROB_CHANGE).sum()),
-        "passed": agreement >= GUARD_MIN_TOP1 and worst <= GUARD_MAX_PROB_CHANGE,
-    }
-
-
-def build_bench_archives(workdir: Path, weights: Path, heads: dict, precision: str, batching, options: dict) -> dict:
-    """{model name: {"archive": path, "backbone", "precision", "batching"}}: what the servers load."""
+def build_bench_archives(workdir: Path, weights: Path, heads: dict, default_variant: str, batching,
+                         options: dict) -> dict:
+    """{model name: {"archive", "backbone", "variant", "batching", "head"}}: what the servers load."""
     import dataclasses
 
     from handlers.archive import build_archive
     from handlers.backbones import get_backbone, imagenet_categories
 
     out = workdir / "archives"
-    specs = {"resnet18": ("resnet18", precision, batching, None)}
-    if options["compare_precision"]:
-        for other in (p for p in PRECISIONS if p != precision):
+    specs = {"resnet18": ("resnet18", default_variant, batching, None)}
+    if options["compare_variants"]:
+        for other in (v for v in VARIANTS if v != default_variant):
             specs[f"resnet18_{other}"] = ("resnet18", other, batching, None)
     if options["levers"]:
         # Each lever changes one thing against the default archive.
-        specs["resnet18_batch1"] = ("resnet18", precision, dataclasses.replace(batching, batch_size=1), None)
-        specs["resnet18_batch16"] = ("resnet18", precision, dataclasses.replace(batching, batch_size=16), None)
+        specs["resnet18_batch1"] = ("resnet18", default_variant, dataclasses.replace(batching, batch_size=1), None)
+        specs["resnet18_batch16"] = ("resnet18", default_variant, dataclasses.replace(batching, batch_size=16), None)
         for delay in (d for d in LEVER_DELAYS_MS if d != batching.max_batch_delay_ms):
-            specs[f"resnet18_delay{delay}"] = ("resnet18", precision, dataclasses.replace(batching, max_batch_delay_ms=delay), None)
-        specs["resnet18_2x1threads"] = ("resnet18", precision, dataclasses.replace(batching, workers=2), None)
+            specs[f"resnet18_delay{delay}"] = ("resnet18", default_variant,
+                                               dataclasses.replace(batching, max_batch_delay_ms=delay), None)
+        specs["resnet18_2x1threads"] = ("resnet18", default_variant, dataclasses.replace(batching, workers=2), None)
         # TorchServe's stock layout: one worker per core, each using every core.
-        specs["resnet18_2x2threads"] = ("resnet18", precision, dataclasses.replace(batching, workers=2, torch_threads=2), None)
-    specs["efficientnet_lite0"] = ("efficientnet_lite0", precision, batching, None)
+        specs["resnet18_2x2threads"] = ("resnet18", default_variant,
+                                        dataclasses.replace(batching, workers=2, torch_threads=2), None)
+    specs["efficientnet_lite0"] = ("efficientnet_lite0", default_variant, batching, None)
     for set_name in HEAD_SETS:
-        specs[f"head_{set_name}"] = ("efficientnet_lite0", precision, batching, set_name)
+        specs[f"head_{set_name}"] = ("efficientnet_lite0", default_variant, batching, set_name)
     archives = {}
-    for name, (backbone_name, prec, config, head_set) in specs.items():
+    for name, (backbone_name, variant, config, head_set) in specs.items():
         backbone = get_backbone(backbone_name)
         head, labels = heads[head_set] if head_set else (None, imagenet_categories())
         path = build_archive(
-            name=name, version="1.0", backbone_name=backbone_name,
+            name=name.replace("+", "_"), version="1.0", backbone_name=backbone_name,
             weights_path=weights if backbone_name == "resnet18" else backbone.resolve_weights(),
-            labels=labels, out_dir=out, precision=prec, head=head, batching=config, overwrite=True,
+            labels=labels, out_dir=out, precision=variant.split("+")[0], head=head, batching=config,
+            compile_with=serving_python() if variant.endswith("+aoti") else None, overwrite=True,
         )
-        archives[name] = {"archive": str(path), "backbone": backbone_name, "precision": prec,
-                          "batching": dataclasses.asdict(config), "head": head_set}
+        archives[name.replace("+", "_")] = {"archive": str(path), "backbone": backbone_name, "variant": variant,
+                                            "batching": dataclasses.asdict(config), "head": head_set}
     return archives
 
 
@@ -580,10 +561,9 @@ def _fmt(value, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def ceiling(costs: dict, model: str, precision: str, threads: int) -> tuple[float, float]:
+def ceiling(costs: dict, forward: dict, threads: int) -> tuple[float, float]:
     """(images/s, single-request ms) one worker can reach: preprocessing spread over its threads, then
     the forward pass; nothing for HTTP, the frontend or the load generator."""
-    forward = costs[f"{model}/{precision}"]
     per_image_ms = costs["preprocess_ms"] / threads + forward["forward_batch_ms_per_image"]
     return 1e3 / per_image_ms, costs["preprocess_ms"] + forward["forward1_ms"]
 
@@ -618,7 +598,7 @@ NOTES = """### What was changed, and the rows behind it
 
 
 def build_report(args, offline: dict, served: list[dict], started: str, loads: list[str]) -> str:
-    guard, costs = offline["guard"], offline["costs"]
+    guard, costs, forward = offline["worker"]["guard"], offline["costs"], offline["worker"]["costs"]
     start, end = offline["reference"], offline.get("reference_end", offline["reference"])
     # Ratios against the faster of the two references (taken before and after the served runs): the
     # stricter comparison, and robust to other jobs slowing one of them down.
@@ -633,7 +613,8 @@ def build_report(args, offline: dict, served: list[dict], started: str, loads: l
         f"Python {platform.python_version()}. Started {started}.  ",
         f"Load average (1 min) before / during / after: {' / '.join(loads)} (other engineers' jobs share "
         f"these cores; the 'others' column is CPU used by processes outside this benchmark).  ",
-        f"Served archives: precision **{offline['precision']}**, batch size {offline['batching']['batch_size']}, "
+        f"Served archives: **{offline['variant']}** ({VARIANT_WORDS[offline['variant']]}), "
+        f"batch size {offline['batching']['batch_size']}, "
         f"max batch delay {offline['batching']['max_batch_delay_ms']} ms, 1 worker with {threads} torch threads. "
         f"Photos: {offline['photos']} real val images of ../shared/datasets, sent as-is (PUT raw bytes).",
         "",
@@ -645,7 +626,7 @@ def build_report(args, offline: dict, served: list[dict], started: str, loads: l
         f"{end['batch16_throughput']:.1f} img/s | {reference['batch16_throughput']:.1f} img/s |",
         "",
         "### Served (TorchServe over HTTP)", "",
-        "| model | precision | batch / delay / workers | clients | img/s | p50 ms | p95 ms | p99 ms | errors "
+        "| model | variant | batch / delay / workers | clients | img/s | p50 ms | p95 ms | p99 ms | errors "
         "| CPU cores: workers / frontend / load gen / others |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -657,7 +638,7 @@ def build_report(args, offline: dict, served: list[dict], started: str, loads: l
             workers = sum(v for k, v in cpu.items() if k.startswith("worker"))
             frontend = cpu.get("frontend", 0.0) + cpu.get("launcher", 0.0)
             lines.append(
-                f"| {r['model']} | {a['precision']} | {b['batch_size']} / {b['max_batch_delay_ms']} ms / "
+                f"| {r['model']} | {a['variant']} | {b['batch_size']} / {b['max_batch_delay_ms']} ms / "
                 f"{b['workers']}x{b['torch_threads'] or threads // b['workers']}t | {r['clients']} | "
                 f"{r['throughput']:.1f} | {_fmt(r['p50_ms'])} | {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} | "
                 f"{r['errors']} | {workers:.2f} / {frontend:.2f} / {cpu.get('load generator', 0.0):.2f} / "
@@ -677,10 +658,12 @@ def build_report(args, offline: dict, served: list[dict], started: str, loads: l
         lines.append(f"- served {top}-client throughput / reference batch-16 throughput = {many['throughput']:.1f} / "
                      f"{reference['batch16_throughput']:.1f} = **{throughput_ratio:.2f}** "
                      f"(target >= {TARGET_THROUGHPUT_RATIO}: {'met' if throughput_ratio >= TARGET_THROUGHPUT_RATIO else 'missed'})")
-    for other in (p for p in PRECISIONS if p != offline["precision"]):
-        s, m = runs.get((f"resnet18_{other}", 1)), runs.get((f"resnet18_{other}", top))
+    for other in (v for v in VARIANTS if v != offline["variant"]):
+        name = f"resnet18_{other.replace('+', '_')}"
+        s, m = runs.get((name, 1)), runs.get((name, top))
         if s and m and s["p50_ms"]:
-            lines.append(f"- same ratios if resnet18 were served in {other}: {s['p50_ms'] / reference['batch1_latency_ms']:.2f} "
+            lines.append(f"- same ratios if resnet18 were served as {other}: "
+                         f"{s['p50_ms'] / reference['batch1_latency_ms']:.2f} "
                          f"and {m['throughput'] / reference['batch16_throughput']:.2f}")
 
     lines += lever_lines(archives, runs, offline, costs, top)
@@ -700,47 +683,68 @@ def build_report(args, offline: dict, served: list[dict], started: str, loads: l
                  f"the load, {idle:.0f} MB idle (target <= {MEMORY_TARGET_MB} MB: "
                  f"{'met' if max(busy, idle) <= MEMORY_TARGET_MB else 'met when idle' if idle <= MEMORY_TARGET_MB else 'missed'}).")
 
-    lines += ["", "### Accuracy guard (bf16 autocast + channels-last against fp32)", "",
-              f"Pass: top-1 agreement >= {GUARD_MIN_TOP1:.0%} and no top-3 probability changed by more than "
-              f"{GUARD_MAX_PROB_CHANGE} ({guard['images']} val images of all three sets; heads: prototype, "
-              f"{HEAD_SHOTS} shots per class, on that set's val images).", "",
-              "| model | images | top-1 agreement | max top-3 change | images over 0.02 | verdict |",
-              "|---|---|---|---|---|---|"]
-    for label, g in [("efficientnet_lite0 (ImageNet classifier)", guard["imagenet"]),
-                     *((f"prototype head {s} on efficientnet_lite0", g) for s, g in guard["heads"].items())]:
-        lines.append(f"| {label} | {g['images']} | {g['top1_agreement']:.2%} | {g['max_top3_change']:.3f} | "
-                     f"{g['over_limit']} | {'pass' if g['passed'] else 'FAIL'} |")
-    r18 = guard["resnet18"]
-    lines += ["", f"resnet18 (self-made weights, {r18['images']} images): largest logit change / logit spread = "
-              f"{r18['max_relative_logit_change']:.3f} (median {r18['median_relative_logit_change']:.3f}); "
-              f"top-1 agreement {r18['top1_agreement']:.0%} (meaningless with near-uniform logits).  ",
-              f"bf16 {'passes' if guard['passed'] else 'fails'} the guard, so the default precision "
-              f"{'may be' if guard['passed'] else 'stays'} {'bf16' if guard['passed'] else 'fp32'}."]
-
-    lines += ["", "### Ceiling (per-image costs measured in-process, this run)", "",
+    lines += guard_lines(guard, offline)
+    lines += ["", "### Ceiling (per-image costs measured in-process, this run; forward passes with the workers' "
+              f"torch {offline['worker']['torch']})", "",
               f"- preprocessing (decode + resize + crop + normalise), one core: {costs['preprocess_ms']:.2f} ms/image "
               f"(decode alone {costs['decode_ms']:.2f} ms; the val photos are mostly about 400x500).",
               f"- JPEG draft decode on a 12 MP photo ({costs['large_photo']['bytes'] / 1e6:.1f} MB, made from "
               f"{costs['large_photo']['source']}): {costs['large_photo']['draft_ms']:.1f} ms with, "
               f"{costs['large_photo']['full_ms']:.1f} ms without.", "",
-              f"| model | precision | forward b1 ms | forward ms/image at b{offline['batching']['batch_size']} "
+              f"| model | variant | forward b1 ms | forward ms/image at b{offline['batching']['batch_size']} "
               f"| worker ceiling img/s | served img/s ({top} clients) | served / ceiling |",
               "|---|---|---|---|---|---|---|"]
-    for key, value in costs.items():
-        if "/" not in key:
-            continue
-        model, precision = key.split("/")
-        name = next((n for n, a in archives.items() if a["backbone"] == model and a["precision"] == precision
-                     and not a["head"] and a["batching"] == offline["batching"]), None)
-        ceiling_rate, _ = ceiling(costs, model, precision, threads)
-        run = runs.get((name, top)) if name else None
-        lines.append(f"| {model} | {precision} | {value['forward1_ms']:.1f} | {value['forward_batch_ms_per_image']:.2f} | "
-                     f"{ceiling_rate:.0f} | {_fmt(run['throughput'] if run else None)} | "
-                     f"{_fmt(run['throughput'] / ceiling_rate if run else None, 2)} |")
+    for model, variants in forward.items():
+        for variant, value in variants.items():
+            name = next((n for n, a in archives.items() if a["backbone"] == model and a["variant"] == variant
+                         and not a["head"] and a["batching"] == offline["batching"]), None)
+            ceiling_rate, _ = ceiling(costs, value, threads)
+            run = runs.get((name, top)) if name else None
+            lines.append(f"| {model} | {variant} | {value['forward1_ms']:.1f} | {value['forward_batch_ms_per_image']:.2f} | "
+                         f"{ceiling_rate:.0f} | {_fmt(run['throughput'] if run else None)} | "
+                         f"{_fmt(run['throughput'] / ceiling_rate if run else None, 2)} |")
     lines += ["", "Worker ceiling = 1000 / (preprocess ms / cores + forward ms per image): one worker prepares a "
               "batch on all cores, then runs it on all cores; HTTP, the Java frontend and the load generator "
               "(this process) take their CPU from the same two cores (see the CPU column above).", "", NOTES]
     return "\n".join(lines)
+
+
+VARIANT_WORDS = {
+    "fp32": "fp32, eager backbone",
+    "fp32+aoti": "fp32, backbone compiled with AOTInductor",
+    "bf16": "bf16 autocast, eager backbone",
+}
+
+
+def guard_lines(guard: dict, offline: dict) -> list[str]:
+    """The accuracy guard table: every reduced-precision or compiled variant against fp32 eager."""
+    others = [v for v in VARIANTS if v != REFERENCE_VARIANT]
+    lines = ["", f"### Accuracy guard (each variant against {REFERENCE_VARIANT} eager, with the workers' torch)", "",
+             f"Pass: top-1 agreement >= {GUARD_MIN_TOP1:.0%} and no top-3 probability changed by more than "
+             f"{GUARD_MAX_PROB_CHANGE} (val images of all three sets for the ImageNet classifier; heads: prototype, "
+             f"{HEAD_SHOTS} shots per class, on that set's val images).", "",
+             "| model | variant | images | top-1 agreement | max top-3 change | images over 0.02 | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    labels = {"efficientnet_lite0": "efficientnet_lite0 (ImageNet classifier)",
+              **{f"head_{s}": f"prototype head {s} on efficientnet_lite0" for s in HEAD_SETS}}
+    verdicts = {}
+    for name, label in labels.items():
+        for variant, g in guard[name].items():
+            verdicts.setdefault(variant, []).append(g["passed"])
+            lines.append(f"| {label} | {variant} | {g['images']} | {g['top1_agreement']:.2%} | "
+                         f"{g['max_top3_change']:.4f} | {g['over_limit']} | {'pass' if g['passed'] else 'FAIL'} |")
+    lines.append("")
+    for variant, r18 in guard["resnet18"].items():
+        lines.append(f"resnet18 {variant} (self-made weights, {r18['images']} images): largest logit change / logit "
+                     f"spread = {r18['max_relative_logit_change']:.4f} (median {r18['median_relative_logit_change']:.4f}); "
+                     f"top-1 agreement {r18['top1_agreement']:.0%} (meaningless with near-uniform logits).  ")
+    for variant in others:
+        if variant in verdicts:
+            passed = all(verdicts[variant])
+            lines.append(f"{variant}: {'passes' if passed else 'fails'} the guard"
+                         f"{'' if passed else ', so it is not a default'}.  ")
+    lines.append(f"Served default this run: {offline['variant']}.")
+    return lines
 
 
 def lever_lines(archives: dict, runs: dict, offline: dict, costs: dict, top: int) -> list[str]:
@@ -755,7 +759,7 @@ def lever_lines(archives: dict, runs: dict, offline: dict, costs: dict, top: int
         if archives[name]["backbone"] != "resnet18" or not one or not many:
             continue
         a, b = archives[name], archives[name]["batching"]
-        label = (f"{name}: {a['precision']}, batch {b['batch_size']}, delay {b['max_batch_delay_ms']} ms, "
+        label = (f"{name}: {a['variant']}, batch {b['batch_size']}, delay {b['max_batch_delay_ms']} ms, "
                  f"{b['workers']} worker(s) x {b['torch_threads'] or offline['threads'] // b['workers']} threads")
         lines.append(f"| {label} | {_fmt(one['p50_ms'])} | {_fmt(_ratio(one['p50_ms'], base1['p50_ms']), 2)} | "
                      f"{many['throughput']:.1f} | {_fmt(_ratio(many['throughput'], base_top['throughput']), 2)} |")
@@ -807,7 +811,7 @@ def main(args: argparse.Namespace) -> str:
         resnets = [n for n in archives if archives[n]["backbone"] == "resnet18"]
         short = [1, max(args.levels)] if len(args.levels) > 1 else args.levels
         # The default archive and the precision lever get every client count; the other levers 1 and the most.
-        full = {"resnet18", *(f"resnet18_{p}" for p in PRECISIONS)}
+        full = {"resnet18", *(f"resnet18_{v.replace('+', '_')}" for v in VARIANTS)}
         tested = {n: args.levels if n in full else short for n in resnets}
         served = [serve_and_measure(workdir, "resnet18", archives, resnets, tested, photos, args)]
         loads.append(f"{os.getloadavg()[0]:.2f}")

@@ -17,7 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from handlers.archive import BatchingConfig, build_archive, validate_name, validate_version  # noqa: E402
 from handlers.backbones import WeightsNotFoundError, backbone_names, get_backbone, imagenet_categories  # noqa: E402
+from handlers.compiled import COMPILE_MODES  # noqa: E402
 from handlers.constants import PRECISIONS  # noqa: E402
+from scripts.ts_runtime import serving_python  # noqa: E402
 
 logger = logging.getLogger("build_archive")
 
@@ -30,12 +32,26 @@ def add_batching_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("serving")
     group.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="backbone precision inside the worker (bf16: autocast, channels-last)")
+    group.add_argument("--compile", choices=COMPILE_MODES, default=None,
+                       help="aoti: compile the backbone with AOTInductor in the serving environment (same fp32 "
+                            "math, faster; once per backbone and machine, then cached); none: eager. "
+                            "Default: aoti for fp32, none otherwise")
     group.add_argument("--batch-size", type=int, default=BatchingConfig.batch_size, help="TorchServe dynamic batch size")
     group.add_argument("--max-batch-delay", type=int, default=BatchingConfig.max_batch_delay_ms,
                        help="ms TorchServe waits to fill a batch")
     group.add_argument("--workers", type=int, default=1, help="workers per model version")
     group.add_argument("--torch-threads", type=int, default=0,
                        help="torch threads per worker (0: machine cores divided by workers)")
+
+
+def compile_with_from_args(args: argparse.Namespace) -> Path | None:
+    """The serving environment's Python when the archive's backbone is to be compiled, else None."""
+    mode = args.compile or ("aoti" if args.precision == "fp32" else "none")
+    if mode == "none":
+        return None
+    if args.precision != "fp32":
+        raise ValueError(f"--compile aoti supports --precision fp32 only, not {args.precision}")
+    return serving_python()
 
 
 def batching_from_args(args: argparse.Namespace) -> BatchingConfig:
@@ -80,6 +96,7 @@ def main(args: argparse.Namespace) -> Path:
         out_dir=args.out,
         precision=args.precision,
         batching=batching_from_args(args),
+        compile_with=compile_with_from_args(args),
         overwrite=args.force,
     )
 
@@ -94,4 +111,7 @@ if __name__ == "__main__":
     except (ValueError, FileExistsError) as exc:
         logger.error("%s", exc)
         sys.exit(EXIT_BAD_ARGUMENTS)
+    except RuntimeError as exc:  # compiling or torch-model-archiver failed
+        logger.error("%s", exc)
+        sys.exit(1)
     print(path)  # the one line a calling script reads

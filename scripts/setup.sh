@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything the service and its tests need, idempotently:
-#   Java 17+ (TorchServe's frontend); .venv (training, tests, benchmarks) and .venv-serve (the
+#   Java 17+ (TorchServe's frontend) and g++ (AOTInductor); .venv (training, tests, benchmarks) and .venv-serve (the
 #   TorchServe runtime), each with its pinned packages.
 # Re-running is cheap: packages are reinstalled only when a requirements file changed.
 set -euo pipefail
@@ -13,13 +13,22 @@ java_major() {
   java -version 2>&1 | sed -nE 's/.*version "([0-9]+).*/\1/p' | head -n1
 }
 
-if [ "$(java_major)" -lt 17 ]; then
-  log "Java 17+ not found: installing openjdk-17-jre-headless"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -q
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q openjdk-17-jre-headless
+apt_install() {
+  local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -q
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
+}
+
+missing=()
+# TorchServe's frontend.
+[ "$(java_major)" -ge 17 ] || missing+=(openjdk-17-jre-headless)
+# AOTInductor compiles each archive's backbone with it (handlers/compiled.py).
+command -v g++ >/dev/null 2>&1 || missing+=(g++)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  apt_install "${missing[@]}"
 fi
-log "java $(java_major)"
+log "java $(java_major), $(g++ --version | head -n1)"
 
 PYTHON="${PYTHON:-python3}"
 

@@ -50,6 +50,11 @@ def torchserve_executable() -> Path:
     return launcher
 
 
+def serving_python() -> Path:
+    """The serving environment's interpreter: it compiles backbones for the workers (handlers/compiled.py)."""
+    return torchserve_executable().with_name("python")
+
+
 _PROPERTY_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f"}
 
 

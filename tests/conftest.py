@@ -7,6 +7,7 @@ own model store, working directory and TMPDIR, and is stopped (with all its work
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ import torch
 
 from handlers.archive import build_archive
 from handlers.backbones import get_backbone, imagenet_categories
-from scripts.ts_runtime import TorchServe, install_archive
+from handlers.compiled import CACHE_DIR_VAR
+from scripts.ts_runtime import TorchServe, install_archive, serving_python
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED = PROJECT_ROOT.parent / "shared"
@@ -22,6 +24,14 @@ SAMPLES = SHARED / "samples"
 DATASETS = SHARED / "datasets"
 
 logging.getLogger("PIL").setLevel(logging.INFO)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory) -> Path:
+    """Compiled backbones go to a cache of this session (and of its subprocesses), never the user's."""
+    path = tmp_path_factory.mktemp("compile-cache")
+    os.environ[CACHE_DIR_VAR] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -44,11 +54,13 @@ def archive_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def efficientnet_archive(archive_dir) -> Path:
-    """The genuinely ImageNet-pretrained backbone, as served: real features, sensible labels."""
+    """The genuinely ImageNet-pretrained backbone, as served by default: real features, sensible
+    labels, backbone compiled for the serving environment."""
     backbone = get_backbone("efficientnet_lite0")
     return build_archive(
         name="efficientnet_lite0", version="1.0", backbone_name=backbone.name,
         weights_path=backbone.resolve_weights(), labels=imagenet_categories(), out_dir=archive_dir,
+        compile_with=serving_python(),
     )
 
 
@@ -69,7 +81,7 @@ def resnet18_weights(tmp_path_factory) -> Path:
 def resnet18_archive(archive_dir, resnet18_weights) -> Path:
     return build_archive(
         name="resnet18", version="1.0", backbone_name="resnet18", weights_path=resnet18_weights,
-        labels=imagenet_categories(), out_dir=archive_dir,
+        labels=imagenet_categories(), out_dir=archive_dir, compile_with=serving_python(),
     )
 
 

@@ -32,7 +32,7 @@ from handlers.archive import build_archive  # noqa: E402
 from handlers.backbones import WeightsNotFoundError, backbone_names, get_backbone  # noqa: E402
 from handlers.heads import HEADS, FeatureHead, build_head  # noqa: E402
 from handlers.naming import archive_file_name, validate_name, validate_version  # noqa: E402
-from scripts.build_archive import add_batching_arguments, batching_from_args  # noqa: E402
+from scripts.build_archive import add_batching_arguments, batching_from_args, compile_with_from_args  # noqa: E402
 from training.data import DataError, Dataset, load_dataset  # noqa: E402
 from training.evaluation import draw_confusion, evaluate, format_table, write_report  # noqa: E402
 from training.features import Augmentation, FeatureExtractor, default_cache_dir  # noqa: E402
@@ -124,6 +124,7 @@ def check_args(args: argparse.Namespace) -> str:
     if args.weight_decay is not None and args.weight_decay < 0:
         raise ValueError("--weight-decay cannot be negative")
     batching_from_args(args)
+    compile_with_from_args(args)
     target = args.out / archive_file_name(name, args.version)
     if target.exists() and not args.force:
         raise FileExistsError(f"{target} exists; choose another --version or pass --force")
@@ -255,7 +256,7 @@ def main(args: argparse.Namespace) -> Path:
         name=name, version=args.version, backbone_name=backbone.name, weights_path=weights,
         labels=dataset.classes, out_dir=args.out, precision=args.precision, head=head, info=info,
         check_images=pick_check_images(dataset, args.check_images), batching=batching_from_args(args),
-        overwrite=args.force,
+        compile_with=compile_with_from_args(args), overwrite=args.force,
     )
     timings["archive"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
@@ -292,10 +293,13 @@ def run(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except Exception as exc:
         exit_code = getattr(exc, "exit_code", None)  # scripts.manage.ManageError
-        if exit_code is None:
-            raise
-        logger.error("registration failed: %s", exc)
-        return exit_code
+        if exit_code is not None:
+            logger.error("registration failed: %s", exc)
+            return exit_code
+        if isinstance(exc, RuntimeError):  # compiling or torch-model-archiver failed: the message says why
+            logger.error("%s", exc)
+            return 1
+        raise
     print(path)  # the one line a calling script reads
     return 0
 
