@@ -26,7 +26,6 @@ from handlers.compiled import compile_in_environment
 from handlers.naming import archive_file_name, validate_name, validate_version
 from handlers.constants import (
     CHECK_IMAGES_DIR,
-    COMPILED_FEATURES_FILE,
     HEAD_FILE,
     LABELS_FILE,
     MODEL_CONFIG_FILE,
@@ -131,11 +130,8 @@ def build_archive(
         if head is not None:
             torch.save(head.state_dict(), extra / HEAD_FILE)
         if compile_with is not None:
-            manifest["compiled"] = {
-                "file": COMPILED_FEATURES_FILE,
-                **compile_in_environment(compile_with, backbone.name, Path(weights_path), batching.batch_size,
-                                         batching.threads, extra / COMPILED_FEATURES_FILE),
-            }
+            manifest["compiled"] = compile_in_environment(compile_with, backbone.name, Path(weights_path),
+                                                          batching.batch_size, batching.threads, extra)
         if check_images:
             (extra / CHECK_IMAGES_DIR).mkdir()
             manifest["check_images"] = []

@@ -1,8 +1,10 @@
 """Backbones compiled ahead of time with AOTInductor: the same fp32 math, fused into native code.
 
-Measured here (2 cores, fp32, batch 8): resnet18 features 10.4 -> 7.8 ms/image, efficientnet_lite0
-10.3 -> 5.9 ms/image, outputs within 2e-5 of eager (docs/BENCHMARKS.md has the served figures and
-the accuracy guard). Compiling happens once, when an archive is built, in the serving environment's
+Measured here (2 cores, fp32): resnet18 features 12.5 -> 7.9 ms for one image and 10.4 -> 7.8
+ms/image at batch 8; efficientnet_lite0 8.0 -> 3.6 ms and 10.3 -> 5.9 ms/image; outputs within 2e-5
+of eager (docs/BENCHMARKS.md has the served figures and the accuracy guard). Two packages per
+backbone: one for a single image, with every shape fixed, and one for batches of 2 to ``max_batch``
+(a batch dimension left dynamic makes single images about 40% slower). Compiling happens once, when an archive is built, in the serving environment's
 interpreter (``python -m handlers.compiled``), because the compiled package only loads into the torch
 that made it. A worker then loads it in milliseconds, through the C++ loader alone: importing
 torch._inductor would cost each worker seconds and about 100 MB.
@@ -32,10 +34,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from handlers.cache import user_cache_dir
+from handlers.constants import COMPILED_FEATURES_FILES
+
 logger = logging.getLogger(__name__)
 
 COMPILE_MODES = ("aoti", "none")
-CACHE_DIR_VAR = "RECOGNIZER_COMPILE_CACHE"
+SINGLE, BATCHED = "single", "batched"  # the two packages (file names: COMPILED_FEATURES_FILES)
+CACHE_DIR_VAR = "IMAGEREC_COMPILE_CACHE"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -61,28 +67,35 @@ def runtime_signature(threads: int) -> dict:
 
 
 def default_cache_dir() -> Path:
-    if os.environ.get(CACHE_DIR_VAR):
-        return Path(os.environ[CACHE_DIR_VAR])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "image-recognizer" / "compiled"
+    return user_cache_dir("compiled", CACHE_DIR_VAR)
+
+
+def _runner(package: Path):
+    # One runner, called from the worker's one inference thread.
+    return torch._C._aoti.AOTIModelPackageLoader(str(package), "model", False, 1, -1)
 
 
 class CompiledFeatures(nn.Module):
-    """An AOTInductor package of a backbone's feature body: (N, 3, H, W) -> (N, D), any N (split
-    into chunks of at most ``max_batch``, the largest batch it was compiled for)."""
+    """A backbone's feature body as AOTInductor packages: (N, 3, H, W) -> (N, D), any N. One image
+    runs the single-image package; larger batches run the batched one, in chunks of at most
+    ``max_batch`` (the largest batch it was compiled for)."""
 
-    def __init__(self, package: str | Path, max_batch: int):
+    def __init__(self, packages: dict[str, Path], max_batch: int):
         super().__init__()
-        # One runner, called from the worker's one inference thread.
-        self.loader = torch._C._aoti.AOTIModelPackageLoader(str(package), "model", False, 1, -1)
+        self.single = _runner(packages[SINGLE])
+        self.batched = _runner(packages[BATCHED]) if BATCHED in packages else None
         self.max_batch = max_batch
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        chunks = images.split(self.max_batch)
-        outputs = [self.loader.run([chunk.contiguous(memory_format=torch.channels_last)])[0] for chunk in chunks]
+        images = images.contiguous(memory_format=torch.channels_last)
+        if self.batched is None or len(images) == 1:
+            outputs = [self.single.run([image[None]])[0] for image in images]
+        else:
+            outputs = [self.batched.run([chunk])[0] for chunk in images.split(self.max_batch)]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
-def load_compiled_features(package: Path, record: dict) -> CompiledFeatures | None:
+def load_compiled_features(model_dir: Path, record: dict) -> CompiledFeatures | None:
     """The compiled body if it was built for this torch, CPU and thread count; else None (eager)."""
     here = runtime_signature(torch.get_num_threads())
     different = {key: (record.get(key), value) for key, value in here.items() if record.get(key) != value}
@@ -90,56 +103,70 @@ def load_compiled_features(package: Path, record: dict) -> CompiledFeatures | No
         details = "; ".join(f"{key}: built for {built!r}, here {now!r}" for key, (built, now) in different.items())
         logger.warning("compiled backbone not used, running eager instead (%s)", details)
         return None
-    return CompiledFeatures(package, record["max_batch"])
+    packages = {kind: Path(model_dir) / name for kind, name in record["files"].items()}
+    return CompiledFeatures(packages, record["max_batch"])
 
 
-def _cache_key(backbone: str, weights_sha256: str, max_batch: int, signature: dict) -> str:
-    text = json.dumps({"backbone": backbone, "weights": weights_sha256, "max_batch": max_batch, **signature},
-                      sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+def _cache_file(cache_dir: Path, backbone: str, kind: str, shape: dict, signature: dict) -> Path:
+    text = json.dumps({"backbone": backbone, "kind": kind, **shape, **signature}, sort_keys=True)
+    return Path(cache_dir) / f"{backbone}-{kind}-{hashlib.sha256(text.encode()).hexdigest()[:24]}.pt2"
 
 
-def compile_features(backbone_name: str, weights: Path, max_batch: int, threads: int, out: Path,
+def _compile_package(backbone_name: str, weights: Path, example_batch: int, max_batch: int | None,
+                     target: Path) -> None:
+    """Export the feature body (batch dimension dynamic up to ``max_batch``, or fixed when None) and
+    compile it into ``target``."""
+    import torch._inductor.config as inductor_config
+
+    from handlers.backbones import get_backbone
+
+    body = get_backbone(backbone_name).load(weights).body.to(memory_format=torch.channels_last)
+    example = torch.zeros(example_batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    dynamic = None if max_batch is None else ({0: torch.export.Dim("batch", min=2, max=max_batch)},)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, torch.inference_mode():
+        program = torch.export.export(body, (example,), dynamic_shapes=dynamic)
+        # Freezing folds batch norms into the convolutions and pre-packs the weights for oneDNN.
+        with inductor_config.patch(freezing=True):
+            staged = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(tmp) / "body.pt2"))
+        os.replace(staged, target)  # atomic: a concurrent build never sees half a package
+
+
+def compile_features(backbone_name: str, weights: Path, max_batch: int, threads: int, out_dir: Path,
                      cache_dir: Path) -> dict:
-    """Compile (or take from the cache) the feature body; write it to ``out``; return its record.
+    """Compile (or take from the cache) the feature packages into ``out_dir``; return their record.
 
-    Runs in the interpreter whose torch will load the package (the serving environment).
+    Runs in the interpreter whose torch will load the packages (the serving environment).
     """
-    from handlers.backbones import file_sha256, get_backbone
+    from handlers.backbones import file_sha256
 
     torch.set_num_threads(threads)
     signature = runtime_signature(threads)
     weights_sha256 = file_sha256(weights)
-    record = {"format": "aoti", "max_batch": max_batch, "weights_sha256": weights_sha256, **signature}
-    cached = Path(cache_dir) / f"{backbone_name}-{_cache_key(backbone_name, weights_sha256, max_batch, signature)}.pt2"
-    if cached.is_file():
-        logger.info("compiled %s from the cache: %s", backbone_name, cached)
-    else:
-        logger.info("compiling %s for batches up to %d on %d threads (once per backbone and machine; "
-                    "about 10-30 s)", backbone_name, max_batch, threads)
-        import torch._inductor.config as inductor_config
-
-        body = get_backbone(backbone_name).load(weights).body.to(memory_format=torch.channels_last)
-        # Export with a batch of 2: a size-1 example would be specialised to 1.
-        example = torch.zeros(min(2, max_batch), 3, 224, 224).contiguous(memory_format=torch.channels_last)
-        batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cached.parent) as tmp, torch.inference_mode():
-            program = torch.export.export(body, (example,), dynamic_shapes=({0: batch},))
-            # Freezing folds batch norms into the convolutions and pre-packs the weights for oneDNN.
-            with inductor_config.patch(freezing=True):
-                staged = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(tmp) / "body.pt2"))
-            os.replace(staged, cached)  # atomic: a concurrent build never sees half a package
-    shutil.copyfile(cached, out)
+    plans = {SINGLE: (1, None)}  # kind: (example batch, dynamic up to)
+    if max_batch > 1:
+        plans[BATCHED] = (2, max_batch)
+    record = {"format": "aoti", "max_batch": max_batch, "weights_sha256": weights_sha256, **signature, "files": {}}
+    for kind, (example_batch, dynamic_max) in plans.items():
+        cached = _cache_file(cache_dir, backbone_name, kind, {"weights": weights_sha256, "max_batch": dynamic_max},
+                             signature)
+        if cached.is_file():
+            logger.info("compiled %s (%s) from the cache: %s", backbone_name, kind, cached)
+        else:
+            logger.info("compiling %s (%s%s) on %d threads: once per backbone and machine, about 10-30 s",
+                        backbone_name, kind, f", batches 2-{dynamic_max}" if dynamic_max else ", one image", threads)
+            _compile_package(backbone_name, weights, example_batch, dynamic_max, cached)
+        shutil.copyfile(cached, Path(out_dir) / COMPILED_FEATURES_FILES[kind])
+        record["files"][kind] = COMPILED_FEATURES_FILES[kind]
     return record
 
 
 def compile_in_environment(python: str | Path, backbone_name: str, weights: Path, max_batch: int, threads: int,
-                           out: Path, cache_dir: Path | None = None, timeout_s: float = 900) -> dict:
+                           out_dir: Path, cache_dir: Path | None = None, timeout_s: float = 900) -> dict:
     """Run ``compile_features`` in another interpreter (the serving environment); return its record."""
     command = [
         str(python), "-m", "handlers.compiled", "--backbone", backbone_name, "--weights", str(weights),
-        "--max-batch", str(max_batch), "--threads", str(threads), "--out", str(out),
+        "--max-batch", str(max_batch), "--threads", str(threads), "--out-dir", str(out_dir),
         "--cache-dir", str(cache_dir or default_cache_dir()),
     ]
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
@@ -165,7 +192,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", type=Path, required=True, help="state_dict file of the backbone")
     parser.add_argument("--max-batch", type=int, required=True, help="largest batch the package accepts")
     parser.add_argument("--threads", type=int, required=True, help="torch threads of the worker that will run it")
-    parser.add_argument("--out", type=Path, required=True, help="where to write the .pt2 package")
+    parser.add_argument("--out-dir", type=Path, required=True, help="where to write the .pt2 packages")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="compiled package cache")
     return parser
 
@@ -173,7 +200,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     if args.max_batch < 1 or args.threads < 1:
         raise SystemExit("--max-batch and --threads must be at least 1")
-    record = compile_features(args.backbone, args.weights, args.max_batch, args.threads, args.out, args.cache_dir)
+    record = compile_features(args.backbone, args.weights, args.max_batch, args.threads, args.out_dir, args.cache_dir)
     print(json.dumps(record))
 
 

@@ -13,10 +13,11 @@ CROP_SIZE = 224
 # Files inside a model archive (flat at the archive root, next to the handler).
 WEIGHTS_FILE = "weights.pt"  # plain state_dict of the backbone (the archive's serializedFile)
 HEAD_FILE = "head.pt"  # plain state_dict of a few-shot head
-COMPILED_FEATURES_FILE = "features.pt2"  # optional AOTInductor package of the backbone's features
 LABELS_FILE = "index_to_name.json"  # {"0": "tench", ...}, TorchServe's own convention
 MODEL_INFO_FILE = "model_info.json"  # our manifest: backbone, precision, head, training record
 MODEL_CONFIG_FILE = "model-config.yaml"  # TorchServe's per-model config (batching, workers)
+# Optional: the backbone compiled with AOTInductor (handlers/compiled.py), for one image and for batches.
+COMPILED_FEATURES_FILES = {"single": "features_b1.pt2", "batched": "features_batched.pt2"}
 CHECK_IMAGES_DIR = "check_images"  # a few labelled images a deployment sends before switching
 
 # Answers.

@@ -88,7 +88,7 @@ def load_recognizer(model_dir: str | Path, precision: str | None = None, compile
     precision = precision or info.get("precision", "fp32")
     compiled = info.get("compiled")
     if compiled and precision == "fp32" and compile:
-        body = load_compiled_features(model_dir / compiled["file"], compiled)
+        body = load_compiled_features(model_dir, compiled)
         if body is not None:
             network.body = body  # the eager body's weights are freed
     recognizer = Recognizer(network, head, precision)

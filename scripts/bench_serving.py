@@ -571,29 +571,41 @@ def ceiling(costs: dict, forward: dict, threads: int) -> tuple[float, float]:
 # What the levers above led to; kept in words (not figures) so that it stays true on a re-run.
 NOTES = """### What was changed, and the rows behind it
 
+- Backbone compiled ahead of time with AOTInductor (handlers/compiled.py; `--compile aoti`, the default
+  for fp32): batch norms folded into the convolutions, activations fused, weights pre-packed for
+  oneDNN; the same fp32 function (guard table). Compiled once per backbone and machine when the
+  archive is built, in the serving environment, then cached. Two packages: one image with every shape
+  fixed, and batches of 2 to the batch size (a dynamic batch dimension made single images about 40%
+  slower). The worker loads them through torch's C++ loader in milliseconds. Rows: resnet18 against
+  resnet18_fp32 (eager), and the fp32 / fp32+aoti rows of the ceiling table. Measured by hand and not
+  adopted: torch.compile inside each worker (about 15 s at every worker start and about 370 MB more
+  per worker for the compiler's own modules).
+- Serving environment with the CPU build of torch (.venv-serve, requirements-serve.txt): torch 2.14.1
+  exists here only as a CUDA build, whose libraries cost each worker about 285 MB at import (`import
+  torch`: 504 MB resident against 218 MB for 2.13.0+cpu, measured by hand), for nothing on a CPU
+  worker. The workers use a torch-only ResNet-18 (handlers/resnet.py; tests compare it with
+  torchvision's). This brought backbone + two heads from about 1.55 GB to the Memory table's figure.
 - Max batch delay 5 ms -> 1 ms (handlers/archive.BatchingConfig, build_archive default): a lone request
   waits the whole delay for company (delay rows, 1 client); 16-client throughput does not move. 0 ms is
   not an option: TorchServe 0.12 then answers a lone request after about 100 ms (delay0 row).
 - Handler preprocessing: a batch's images are decoded and resized on one thread per core (Pillow drops
   the GIL) and normalised once per batch instead of per image (the in-process preprocessing line under
   Levers; tests/test_precision.py checks the tensors are identical to the per-image transform).
-- Channels-last activations in fp32 too (handlers/recognizer.py; before, only bf16 had them): same
-  fp32 math, faster oneDNN convolutions. In-process, resnet18 batch 8 went from 13.1 to 8.2 ms/image
-  (outputs within 3e-6); it is the "forward ms/image at b8" column of the ceiling table.
-- No torchvision in the worker (handlers/imaging.py does resize + crop + normalise with Pillow and
-  torch; tests/test_imaging.py compares it with torchvision): about 150 MB PSS less per worker, the
-  step that brought backbone + two heads from about 1.9 GB to about 1.55 GB.
-- TorchScript freeze + optimize_for_inference (measured by hand, not adopted): with the real
-  efficientnet_lite0 weights no faster than channels-last eager at batch 8 or 16, outputs within 1e-5.
+- Channels-last activations in fp32 (handlers/recognizer.py): same fp32 math, faster oneDNN
+  convolutions for the eager backbone (resnet18 batch 8: 13.1 -> 8.2 ms/image in the previous run).
+- No torchvision in the worker (handlers/imaging.py does resize + crop + normalise with Pillow and torch;
+  tests/test_imaging.py compares it with torchvision): about 150 MB PSS less per worker.
 - Idle memory trim: after 2 s without a batch each worker returns freed activation memory to the OS
   (malloc_trim); compare "PSS after load" with "PSS idle" for the worker that served the load.
-- Kept: precision fp32 (bf16 fails the accuracy guard; bf16 rows show what it would give), batch size 8
-  (batch16 row: no throughput gain on 2 cores), one worker with 2 torch threads (2x1threads: more
+- Kept: fp32 with the compiled backbone (bf16 fails the accuracy guard; bf16 rows show what it would
+  give), batch size 8 (batch16 row), one worker with all cores as torch threads (2x1threads: more
   throughput, slower single requests, twice the memory; 2x2threads is TorchServe's stock layout and
-  collapses from oversubscription), JPEG draft decoding (already there; its gain is the 12 MP line).
-- Not adopted: int8 and torch.compile (compiling in every worker costs start-up time and memory against
-  the 1.5 GB target, and a compiled or int8 path would need its own guard run); ONNX Runtime (not a
-  dependency of the project).
+  collapses from oversubscription), JPEG draft decoding (its gain is the 12 MP line).
+- Measured by hand, no gain: TorchScript freeze (no faster than channels-last eager), TorchServe's
+  async_logging and disable_system_metrics, OMP_WAIT_POLICY passive or active (all within noise).
+- Not tried: int8 (PT2E): bf16 already moves top-3 probabilities by up to 0.13, and int8 rounds
+  harder, so it cannot be expected to pass a 0.02 guard; ONNX Runtime: another runtime and
+  dependency for the same fusions AOTInductor makes.
 """
 
 

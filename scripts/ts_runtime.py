@@ -34,7 +34,7 @@ DEFAULT_TIMEOUT_S = 30.0
 # TorchServe runs from its own environment, which scripts/setup.sh builds: its launcher hands its own
 # interpreter to the frontend for the workers, and workers use the CPU build of torch
 # (requirements-serve.txt says why). The variable points the tools at another such environment.
-SERVE_VENV_VAR = "RECOGNIZER_SERVE_VENV"
+SERVE_VENV_VAR = "IMAGEREC_SERVE_VENV"
 DEFAULT_SERVE_VENV = PROJECT_ROOT / ".venv-serve"
 
 

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from handlers.backbones import Preprocessing, file_sha256, get_backbone
+from handlers.cache import user_cache_dir
 from handlers.imaging import decode_image, eval_transform
 
 logger = logging.getLogger(__name__)
@@ -33,10 +34,7 @@ CACHE_VERSION = "v1"  # bump when the file format or the meaning of a key change
 
 def default_cache_dir() -> Path:
     """``$IMAGEREC_FEATURE_CACHE``, else ``$XDG_CACHE_HOME/imagerec/features`` (``~/.cache/...``)."""
-    if os.environ.get(CACHE_ENV_VAR):
-        return Path(os.environ[CACHE_ENV_VAR]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "imagerec" / "features"
+    return user_cache_dir("features", CACHE_ENV_VAR)
 
 
 @dataclass(frozen=True)
