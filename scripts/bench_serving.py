@@ -83,6 +83,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=str, default="1,4,16", help="comma-separated client counts")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per client count")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each measurement")
+    parser.add_argument("--model-warmup", type=float, default=4.0,
+                        help="unmeasured seconds of 4-client load on each model before its first measurement "
+                             "(the Java frontend compiles its hot paths during the first thousand requests)")
     parser.add_argument("--max-requests", type=int, default=20000,
                         help="upper bound on requests per client count (the loop is also bounded by time)")
     parser.add_argument("--request-timeout", type=float, default=30.0, help="seconds per HTTP request")
@@ -110,7 +113,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     if args.quick:
-        args.duration, args.warmup, args.concurrency = 3.0, 1.0, "1,16"
+        args.duration, args.warmup, args.model_warmup, args.concurrency = 3.0, 1.0, 2.0, "1,16"
         args.guard_images, args.reference_reps, args.levers = 150, 5, False
     try:
         args.levels = sorted({int(c) for c in args.concurrency.split(",")})
@@ -118,8 +121,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--concurrency must be comma-separated integers, got {args.concurrency!r}") from None
     if not args.levels or args.levels[0] < 1 or args.levels[-1] > 64:
         raise ValueError("--concurrency values must be between 1 and 64")
-    if args.duration <= 0 or args.warmup < 0 or args.max_requests < 1 or args.reference_reps < 1:
-        raise ValueError("--duration, --max-requests and --reference-reps must be positive, --warmup >= 0")
+    if args.duration <= 0 or args.warmup < 0 or args.model_warmup < 0 or args.max_requests < 1 or args.reference_reps < 1:
+        raise ValueError("--duration, --max-requests and --reference-reps must be positive, "
+                         "--warmup and --model-warmup >= 0")
     if args.guard_images < 0:
         raise ValueError("--guard-images cannot be negative")
     for flag in ("batch_size", "max_batch_delay"):
@@ -541,6 +545,9 @@ def serve_and_measure(workdir: Path, name: str, archives: dict, models: list[str
         roles = server_processes(server, models)
         runs = []
         for model, levels in tested.items():
+            if args.model_warmup > 0:
+                warmup = argparse.Namespace(**{**vars(args), "warmup": 0.0, "duration": args.model_warmup})
+                load_test(server, model, photos, 4, warmup, roles)
             for clients in levels:
                 run = load_test(server, model, photos, clients, args, roles)
                 logger.info("%s x%d: %.1f img/s, p50 %s ms, errors %d, cpu %.2f cores (others %.2f)",
@@ -603,8 +610,11 @@ NOTES = """### What was changed, and the rows behind it
   collapses from oversubscription), JPEG draft decoding (its gain is the 12 MP line).
 - Measured by hand, no gain: TorchScript freeze (no faster than channels-last eager), TorchServe's
   async_logging and disable_system_metrics, OMP_WAIT_POLICY passive or active (all within noise).
-- Not tried: int8 (PT2E): bf16 already moves top-3 probabilities by up to 0.13, and int8 rounds
-  harder, so it cannot be expected to pass a 0.02 guard; ONNX Runtime: another runtime and
+- int8 (PT2E), tried by hand and dropped: PT2E now lives in torchao, and torchao 0.18 (the newest on
+  PyPI) with the workers' torch 2.13 quantized nothing: its X86InductorQuantizer inserted no quantize
+  op into efficientnet_lite0 and stopped on resnet18 ("Input partition has more than one output
+  node"). bf16 already moves top-3 probabilities by up to 0.13, and int8 rounds harder, so int8 is
+  unlikely to pass a 0.02 guard anyway. ONNX Runtime: not tried; it would be another runtime and
   dependency for the same fusions AOTInductor makes.
 """
 
