@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from handlers.cache import user_cache_dir
+from handlers.machine import cpu_model, user_cache_dir
 from handlers.constants import COMPILED_FEATURES_FILES
 
 logger = logging.getLogger(__name__)
@@ -43,17 +42,6 @@ COMPILE_MODES = ("aoti", "none")
 SINGLE, BATCHED = "single", "batched"  # the two packages (file names: COMPILED_FEATURES_FILES)
 CACHE_DIR_VAR = "IMAGEREC_COMPILE_CACHE"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_model() -> str:
-    """The CPU's model name: compiled code uses every instruction the build machine has."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def runtime_signature(threads: int) -> dict:

@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -35,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from handlers.backbones import get_backbone  # noqa: E402
 from handlers.compiled import CACHE_DIR_VAR  # noqa: E402
+from handlers.machine import cpu_model  # noqa: E402
 from handlers.heads import build_head  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.evaluation import mean_ci95  # noqa: E402
@@ -237,11 +237,7 @@ def time_train_head(args) -> dict:
 
 
 def machine() -> str:
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
+    cpu = cpu_model()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{os.cpu_count()} cores ({cpu}), no GPU, torch {torch.__version__}, "
             f"{torch.get_num_threads()} torch threads; load average at the end {load:.1f}")

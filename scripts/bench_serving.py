@@ -51,7 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import psutil  # noqa: E402
 
 from handlers.constants import PRECISIONS  # noqa: E402
-from scripts.bench_in_worker import GUARD_MAX_PROB_CHANGE, GUARD_MIN_TOP1, REFERENCE_VARIANT, VARIANTS  # noqa: E402
+from handlers.machine import cpu_model  # noqa: E402
+from scripts.bench_in_worker import (  # noqa: E402
+    GUARD_MAX_PROB_CHANGE, GUARD_MIN_TOP1, REFERENCE_VARIANT, VARIANTS, median_time,
+)
 from scripts.ts_runtime import PROJECT_ROOT, TorchServe, auth_header, install_archive, serving_python  # noqa: E402
 
 logger = logging.getLogger("bench_serving")
@@ -241,17 +244,6 @@ def make_resnet18_weights(workdir: Path) -> Path:
     return path
 
 
-def _median_time(function, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def reference_timings(weights: Path, photos: list[Path], reps: int) -> dict:
     """The issue's reference: fp32 eager resnet18, all cores, in this process."""
     import torch
@@ -272,7 +264,7 @@ def reference_timings(weights: Path, photos: list[Path], reps: int) -> dict:
             network(preprocessor(data).unsqueeze(0))
             latencies.append(time.perf_counter() - start)
         batch = torch.stack([preprocessor(data) for data in sample[:16]])
-        forward16 = _median_time(lambda: network(batch), max(3, reps // 4))
+        forward16 = median_time(lambda: network(batch), max(3, reps // 4))
     return {
         "batch1_latency_ms": statistics.median(latencies) * 1e3,
         "batch16_throughput": 16 / forward16,
@@ -290,8 +282,8 @@ def preprocessing_costs(photos: list[Path], batch_size: int) -> dict:
     sample = [p.read_bytes() for p in spread(photos, 64)]
     preprocessor = ImagePreprocessor(get_backbone("resnet18").preprocessing)
     torch.set_num_threads(1)  # preprocessing runs on one core per image
-    costs["preprocess_ms"] = _median_time(lambda: [preprocessor(d) for d in sample], 3) / len(sample) * 1e3
-    costs["decode_ms"] = _median_time(lambda: [decode_image(d, 256) for d in sample], 3) / len(sample) * 1e3
+    costs["preprocess_ms"] = median_time(lambda: [preprocessor(d) for d in sample], 3) / len(sample) * 1e3
+    costs["decode_ms"] = median_time(lambda: [decode_image(d, 256) for d in sample], 3) / len(sample) * 1e3
     costs["large_photo"] = large_photo_timings(photos, preprocessor)
     torch.set_num_threads(os.cpu_count() or 1)
     costs["batch_preprocess"] = batch_preprocess_timings(preprocessor, sample, batch_size)
@@ -307,9 +299,9 @@ def batch_preprocess_timings(preprocessor, sample: list[bytes], batch_size: int)
 
     batches = [sample[i:i + batch_size] for i in range(0, len(sample) - batch_size + 1, batch_size)]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        threaded = _median_time(lambda: [preprocessor.normalise(torch.stack(list(pool.map(preprocessor.geometry, b))))
+        threaded = median_time(lambda: [preprocessor.normalise(torch.stack(list(pool.map(preprocessor.geometry, b))))
                                          for b in batches], 3)
-    serial = _median_time(lambda: [torch.stack([preprocessor(d) for d in b]) for b in batches], 3)
+    serial = median_time(lambda: [torch.stack([preprocessor(d) for d in b]) for b in batches], 3)
     images = sum(len(b) for b in batches)
     return {"batch_size": batch_size, "serial_ms_per_image": serial / images * 1e3,
             "threaded_ms_per_image": threaded / images * 1e3}
@@ -331,8 +323,8 @@ def large_photo_timings(photos: list[Path], preprocessor) -> dict:
     big.save(buffer, "JPEG", quality=90)
     data = buffer.getvalue()
     size = preprocessor.preprocessing.resize_size
-    draft = _median_time(lambda: transform(decode_image(data, min_side=size)), 5, 1)
-    full = _median_time(lambda: transform(decode_image(data)), 5, 1)
+    draft = median_time(lambda: transform(decode_image(data, min_side=size)), 5, 1)
+    full = median_time(lambda: transform(decode_image(data)), 5, 1)
     return {"source": biggest.name, "bytes": len(data), "draft_ms": draft * 1e3, "full_ms": full * 1e3}
 
 
@@ -631,7 +623,7 @@ def build_report(args, offline: dict, served: list[dict], started: str, loads: l
     lines = [
         SECTION, "",
         f"Command: `{' '.join(['.venv/bin/python', 'scripts/bench_serving.py', *sys.argv[1:]])}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores ({_cpu_model()}), no GPU; "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_model()}), no GPU; "
         f"Python {platform.python_version()}. Started {started}.  ",
         f"Load average (1 min) before / during / after: {' / '.join(loads)} (other engineers' jobs share "
         f"these cores; the 'others' column is CPU used by processes outside this benchmark).  ",
@@ -794,16 +786,6 @@ def lever_lines(archives: dict, runs: dict, offline: dict, costs: dict, top: int
 
 def _ratio(a, b):
     return a / b if a is not None and b else None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def write_section(doc: Path, section: str) -> None:

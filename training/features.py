@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from handlers.backbones import Preprocessing, file_sha256, get_backbone
-from handlers.cache import user_cache_dir
+from handlers.machine import user_cache_dir
 from handlers.imaging import decode_image, eval_transform
 
 logger = logging.getLogger(__name__)

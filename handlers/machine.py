@@ -1,0 +1,28 @@
+"""This machine: where derived files are cached (backbone features, compiled backbones), and its CPU.
+
+Torch-free, so that benchmark processes that must not import torch can use it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def user_cache_dir(kind: str, env_var: str) -> Path:
+    """``$<env_var>`` if set, else ``$XDG_CACHE_HOME/imagerec/<kind>`` (``~/.cache/imagerec/<kind>``)."""
+    if os.environ.get(env_var):
+        return Path(os.environ[env_var]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imagerec" / kind
+
+
+def cpu_model() -> str:
+    """The CPU's model name (compiled code uses every instruction the build machine's CPU has)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
