@@ -584,6 +584,11 @@ NOTES = """### What was changed, and the rows behind it
   torch`: 504 MB resident against 218 MB for 2.13.0+cpu, measured by hand), for nothing on a CPU
   worker. The workers use a torch-only ResNet-18 (handlers/resnet.py; tests compare it with
   torchvision's). This brought backbone + two heads from about 1.55 GB to the Memory table's figure.
+- Java frontend with the quick JIT only (config.properties vmargs -XX:TieredStopAtLevel=1): with the
+  full JIT, the first 16-client run after a start gave 88.7 img/s with the frontend at 0.22 cores, and
+  later runs 98.2 img/s at 0.06 cores; with the quick JIT only, the first run gave 98.0 img/s at
+  0.06 cores (resnet18 fp32+aoti, measured by hand). Each model also gets 4 s of unmeasured load
+  before its first measured run (--model-warmup).
 - Max batch delay 5 ms -> 1 ms (handlers/archive.BatchingConfig, build_archive default): a lone request
   waits the whole delay for company (delay rows, 1 client); 16-client throughput does not move. 0 ms is
   not an option: TorchServe 0.12 then answers a lone request after about 100 ms (delay0 row).
