@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from handlers.backbones import file_sha256, get_backbone
-from handlers.compiled import compile_in_environment
+from handlers.backbones import get_backbone
+from handlers.manifest import file_sha256
+from handlers.compile_backbone import compile_in_environment
 from handlers.naming import archive_file_name, validate_name, validate_version
 from handlers.constants import (
     CHECK_IMAGES_DIR,
@@ -92,7 +93,7 @@ def build_archive(
     info: extra manifest entries (training arguments, data fingerprint, metrics...).
     check_images: (image path, expected label) pairs packed for deployment checks.
     compile_with: the serving environment's Python, to compile the backbone with AOTInductor
-        (handlers/compiled.py); None keeps it eager. fp32 only.
+        (handlers/compile_backbone.py); None keeps it eager. fp32 only.
     """
     validate_name(name)
     validate_version(version)

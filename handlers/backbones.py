@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -126,14 +125,6 @@ def get_backbone(name: str) -> Backbone:
 
 def backbone_names() -> list[str]:
     return sorted(_REGISTRY)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def imagenet_categories() -> list[str]:

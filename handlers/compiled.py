@@ -1,61 +1,28 @@
-"""Backbones compiled ahead of time with AOTInductor: the same fp32 math, fused into native code.
+"""Backbones compiled ahead of time with AOTInductor (handlers/compile_backbone.py builds them): the
+same fp32 math, fused into native code.
 
 Measured here (2 cores, fp32): resnet18 features 12.5 -> 7.9 ms for one image and 10.4 -> 7.8
 ms/image at batch 8; efficientnet_lite0 8.0 -> 3.6 ms and 10.3 -> 5.9 ms/image; outputs within 2e-5
-of eager (docs/BENCHMARKS.md has the served figures and the accuracy guard). Two packages per
-backbone: one for a single image, with every shape fixed, and one for batches of 2 to ``max_batch``
-(a batch dimension left dynamic makes single images about 40% slower). Compiling happens once, when an archive is built, in the serving environment's
-interpreter (``python -m handlers.compiled``), because the compiled package only loads into the torch
-that made it. A worker then loads it in milliseconds, through the C++ loader alone: importing
-torch._inductor would cost each worker seconds and about 100 MB.
+of eager (docs/BENCHMARKS.md has the served figures and the accuracy guard). A worker loads the
+packages in milliseconds, through torch's C++ loader alone: importing torch._inductor would cost
+each worker seconds and about 100 MB.
 
-The compiled code is specialised for the build machine (``-march=native``, its torch build, the
-worker's thread count). ``load_compiled_features`` checks that record against the worker and falls
-back to the eager backbone, with a warning, on any difference: slower, never wrong.
-
-Compiled packages are cached by everything that determines them (backbone, weights, batch limit,
-threads, torch build, CPU), so few-shot heads on the same backbone reuse one compilation.
+``load_compiled_features`` checks the archive's record of the torch build, CPU and thread count the
+packages were compiled for against the worker, and falls back to the eager backbone, with a
+warning, on any difference: slower, never wrong.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
 import logging
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from handlers.machine import cpu_model, user_cache_dir
-from handlers.constants import COMPILED_FEATURES_FILES
+from handlers.compile_backbone import BATCHED, SINGLE, runtime_signature
 
 logger = logging.getLogger(__name__)
-
-COMPILE_MODES = ("aoti", "none")
-SINGLE, BATCHED = "single", "batched"  # the two packages (file names: COMPILED_FEATURES_FILES)
-CACHE_DIR_VAR = "IMAGEREC_COMPILE_CACHE"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def runtime_signature(threads: int) -> dict:
-    """What a compiled package depends on besides the model itself."""
-    return {
-        "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_model": cpu_model(),
-        "threads": threads,
-    }
-
-
-def default_cache_dir() -> Path:
-    return user_cache_dir("compiled", CACHE_DIR_VAR)
 
 
 def _runner(package: Path):
@@ -93,105 +60,3 @@ def load_compiled_features(model_dir: Path, record: dict) -> CompiledFeatures | 
         return None
     packages = {kind: Path(model_dir) / name for kind, name in record["files"].items()}
     return CompiledFeatures(packages, record["max_batch"])
-
-
-def _cache_file(cache_dir: Path, backbone: str, kind: str, shape: dict, signature: dict) -> Path:
-    text = json.dumps({"backbone": backbone, "kind": kind, **shape, **signature}, sort_keys=True)
-    return Path(cache_dir) / f"{backbone}-{kind}-{hashlib.sha256(text.encode()).hexdigest()[:24]}.pt2"
-
-
-def _compile_package(backbone_name: str, weights: Path, example_batch: int, max_batch: int | None,
-                     target: Path) -> None:
-    """Export the feature body (batch dimension dynamic up to ``max_batch``, or fixed when None) and
-    compile it into ``target``."""
-    import torch._inductor.config as inductor_config
-
-    from handlers.backbones import get_backbone
-
-    body = get_backbone(backbone_name).load(weights).body.to(memory_format=torch.channels_last)
-    example = torch.zeros(example_batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-    dynamic = None if max_batch is None else ({0: torch.export.Dim("batch", min=2, max=max_batch)},)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, torch.inference_mode():
-        program = torch.export.export(body, (example,), dynamic_shapes=dynamic)
-        # Freezing folds batch norms into the convolutions and pre-packs the weights for oneDNN.
-        with inductor_config.patch(freezing=True):
-            staged = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(tmp) / "body.pt2"))
-        os.replace(staged, target)  # atomic: a concurrent build never sees half a package
-
-
-def compile_features(backbone_name: str, weights: Path, max_batch: int, threads: int, out_dir: Path,
-                     cache_dir: Path) -> dict:
-    """Compile (or take from the cache) the feature packages into ``out_dir``; return their record.
-
-    Runs in the interpreter whose torch will load the packages (the serving environment).
-    """
-    from handlers.backbones import file_sha256
-
-    torch.set_num_threads(threads)
-    signature = runtime_signature(threads)
-    weights_sha256 = file_sha256(weights)
-    plans = {SINGLE: (1, None)}  # kind: (example batch, dynamic up to)
-    if max_batch > 1:
-        plans[BATCHED] = (2, max_batch)
-    record = {"format": "aoti", "max_batch": max_batch, "weights_sha256": weights_sha256, **signature, "files": {}}
-    for kind, (example_batch, dynamic_max) in plans.items():
-        cached = _cache_file(cache_dir, backbone_name, kind, {"weights": weights_sha256, "max_batch": dynamic_max},
-                             signature)
-        if cached.is_file():
-            logger.info("compiled %s (%s) from the cache: %s", backbone_name, kind, cached)
-        else:
-            logger.info("compiling %s (%s%s) on %d threads: once per backbone and machine, about 10-30 s",
-                        backbone_name, kind, f", batches 2-{dynamic_max}" if dynamic_max else ", one image", threads)
-            _compile_package(backbone_name, weights, example_batch, dynamic_max, cached)
-        shutil.copyfile(cached, Path(out_dir) / COMPILED_FEATURES_FILES[kind])
-        record["files"][kind] = COMPILED_FEATURES_FILES[kind]
-    return record
-
-
-def compile_in_environment(python: str | Path, backbone_name: str, weights: Path, max_batch: int, threads: int,
-                           out_dir: Path, cache_dir: Path | None = None, timeout_s: float = 900) -> dict:
-    """Run ``compile_features`` in another interpreter (the serving environment); return its record."""
-    command = [
-        str(python), "-m", "handlers.compiled", "--backbone", backbone_name, "--weights", str(weights),
-        "--max-batch", str(max_batch), "--threads", str(threads), "--out-dir", str(out_dir),
-        "--cache-dir", str(cache_dir or default_cache_dir()),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=PROJECT_ROOT, env=env)
-    except FileNotFoundError:
-        raise RuntimeError(f"cannot compile: no interpreter at {python}") from None
-    for line in result.stderr.splitlines():
-        if line.startswith("INFO "):
-            logger.info("%s", line[5:])
-    if result.returncode != 0:
-        tail = "\n".join(result.stderr.strip().splitlines()[-15:])
-        raise RuntimeError(
-            f"compiling {backbone_name} failed (exit {result.returncode}); AOTInductor needs a C++ compiler "
-            f"(g++). Build without it with --compile none.\n{tail}"
-        )
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Compile a backbone's feature body with AOTInductor.")
-    parser.add_argument("--backbone", type=str, required=True, help="registered backbone name")
-    parser.add_argument("--weights", type=Path, required=True, help="state_dict file of the backbone")
-    parser.add_argument("--max-batch", type=int, required=True, help="largest batch the package accepts")
-    parser.add_argument("--threads", type=int, required=True, help="torch threads of the worker that will run it")
-    parser.add_argument("--out-dir", type=Path, required=True, help="where to write the .pt2 packages")
-    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="compiled package cache")
-    return parser
-
-
-def main(args: argparse.Namespace) -> None:
-    if args.max_batch < 1 or args.threads < 1:
-        raise SystemExit("--max-batch and --threads must be at least 1")
-    record = compile_features(args.backbone, args.weights, args.max_batch, args.threads, args.out_dir, args.cache_dir)
-    print(json.dumps(record))
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    main(get_args_parser().parse_args())

@@ -5,6 +5,7 @@ Torch-free, so that benchmark processes that must not import torch can use it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 from pathlib import Path
@@ -26,3 +27,16 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_flags_digest() -> str:
+    """A digest of the CPU's instruction-set flags: two machines with the same digest run the same
+    natively compiled code."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                return hashlib.sha256(flags.encode()).hexdigest()[:16]
+    except OSError:
+        pass
+    return platform.machine()

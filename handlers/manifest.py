@@ -1,4 +1,4 @@
-"""Reading a built archive's manifests without unpacking it and without torch.
+"""Reading a built archive's manifests without unpacking it and without torch; the file hash they record.
 
 ``scripts/manage.py`` runs beside TorchServe and must stay light, so this module imports only the
 standard library and ``handlers.constants``. ``handlers.archive`` re-exports ``read_archive_info``.
@@ -6,7 +6,9 @@ standard library and ``handlers.constants``. ``handlers.archive`` re-exports ``r
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -51,3 +53,12 @@ def verify_archive(archive: str | Path) -> None:
         raise ValueError(f"{archive} is not a readable archive (truncated or corrupt?): {exc}") from None
     if bad is not None:
         raise ValueError(f"{archive} is corrupt: member {bad} fails its checksum")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file (weights_sha256 in the manifests, feature cache keys)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

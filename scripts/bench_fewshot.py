@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from handlers.backbones import get_backbone  # noqa: E402
-from handlers.compiled import CACHE_DIR_VAR  # noqa: E402
+from handlers.compile_backbone import CACHE_DIR_VAR  # noqa: E402
 from handlers.machine import cpu_model  # noqa: E402
 from handlers.heads import build_head  # noqa: E402
 from training.data import load_dataset  # noqa: E402

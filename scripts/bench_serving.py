@@ -570,8 +570,9 @@ def ceiling(costs: dict, forward: dict, threads: int) -> tuple[float, float]:
 # What the levers above led to; kept in words (not figures) so that it stays true on a re-run.
 NOTES = """### What was changed, and the rows behind it
 
-- Backbone compiled ahead of time with AOTInductor (handlers/compiled.py; `--compile aoti`, the default
-  for fp32): batch norms folded into the convolutions, activations fused, weights pre-packed for
+- Backbone compiled ahead of time with AOTInductor (handlers/compile_backbone.py builds it,
+  handlers/compiled.py runs it; `--compile aoti`, the default for fp32): batch norms folded into the
+  convolutions, activations fused, weights pre-packed for
   oneDNN; the same fp32 function (guard table). Compiled once per backbone and machine when the
   archive is built, in the serving environment, then cached. Two packages: one image with every shape
   fixed, and batches of 2 to the batch size (a dynamic batch dimension made single images about 40%

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from handlers.archive import BatchingConfig, build_archive, validate_name, validate_version  # noqa: E402
 from handlers.backbones import WeightsNotFoundError, backbone_names, get_backbone, imagenet_categories  # noqa: E402
-from handlers.compiled import COMPILE_MODES  # noqa: E402
+from handlers.compile_backbone import COMPILE_MODES  # noqa: E402
 from handlers.constants import PRECISIONS  # noqa: E402
 from scripts.ts_runtime import serving_python  # noqa: E402
 

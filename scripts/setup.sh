@@ -22,7 +22,7 @@ apt_install() {
 missing=()
 # TorchServe's frontend.
 [ "$(java_major)" -ge 17 ] || missing+=(openjdk-17-jre-headless)
-# AOTInductor compiles each archive's backbone with it (handlers/compiled.py).
+# AOTInductor compiles each archive's backbone with it (handlers/compile_backbone.py).
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"

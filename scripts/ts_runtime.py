@@ -51,7 +51,7 @@ def torchserve_executable() -> Path:
 
 
 def serving_python() -> Path:
-    """The serving environment's interpreter: it compiles backbones for the workers (handlers/compiled.py)."""
+    """The serving environment's interpreter: it compiles backbones for the workers (handlers/compile_backbone.py)."""
     return torchserve_executable().with_name("python")
 
 

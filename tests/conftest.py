@@ -15,7 +15,7 @@ import torch
 
 from handlers.archive import build_archive
 from handlers.backbones import get_backbone, imagenet_categories
-from handlers.compiled import CACHE_DIR_VAR
+from handlers.compile_backbone import CACHE_DIR_VAR
 from scripts.ts_runtime import TorchServe, install_archive, serving_python
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

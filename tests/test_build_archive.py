@@ -7,8 +7,8 @@ import zipfile
 import pytest
 import yaml
 
-from handlers.manifest import read_archive_info
-from handlers.backbones import WeightsNotFoundError, backbone_names, file_sha256, get_backbone
+from handlers.manifest import file_sha256, read_archive_info
+from handlers.backbones import WeightsNotFoundError, backbone_names, get_backbone
 from scripts.ts_runtime import PROJECT_ROOT
 
 BUILD = [sys.executable, str(PROJECT_ROOT / "scripts" / "build_archive.py")]

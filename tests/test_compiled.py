@@ -1,5 +1,5 @@
-"""Backbones compiled with AOTInductor (handlers/compiled.py): same answers as eager, used only where
-they were built for, cached once per backbone and machine."""
+"""Backbones compiled with AOTInductor (handlers/compile_backbone.py builds, handlers/compiled.py
+runs): same answers as eager, used only where they were built for, cached per backbone and machine."""
 
 import json
 import logging
@@ -8,7 +8,7 @@ import textwrap
 
 from handlers.archive import extract_archive
 from handlers.backbones import get_backbone
-from handlers.compiled import compile_in_environment
+from handlers.compile_backbone import compile_in_environment
 from handlers.manifest import read_archive_info
 from handlers.recognizer import load_recognizer
 from scripts.ts_runtime import PROJECT_ROOT, serving_python
@@ -29,7 +29,7 @@ def test_the_archive_records_the_torch_and_machine_it_was_compiled_for(efficient
     assert compiled["files"] == {"single": "features_b1.pt2", "batched": "features_batched.pt2"}
     assert compiled["torch"] == serving_torch
     assert compiled["max_batch"] == 8 and compiled["threads"] >= 1
-    assert compiled["cpu_capability"] and compiled["cpu_model"]
+    assert compiled["cpu_flags"] and compiled["cpu_model"]
 
 
 def test_compiled_answers_equal_eager_in_the_serving_environment(efficientnet_archive, datasets_dir, tmp_path):
@@ -78,7 +78,7 @@ def test_the_served_worker_runs_the_compiled_backbone(imagenet_server):
 
 
 def test_a_second_compilation_comes_from_the_cache(efficientnet_archive, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="handlers.compiled")
+    caplog.set_level(logging.INFO, logger="handlers.compile_backbone")
     compiled = read_archive_info(efficientnet_archive)["compiled"]
     backbone = get_backbone("efficientnet_lite0")
     record = compile_in_environment(serving_python(), backbone.name, backbone.resolve_weights(),

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from handlers.backbones import Preprocessing, file_sha256, get_backbone
+from handlers.backbones import Preprocessing, get_backbone
+from handlers.manifest import file_sha256
 from handlers.machine import user_cache_dir
 from handlers.imaging import decode_image, eval_transform
 
