@@ -126,6 +126,9 @@ def compile_in_environment(python: str | Path, backbone_name: str, weights: Path
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=PROJECT_ROOT, env=env)
     except FileNotFoundError:
         raise RuntimeError(f"cannot compile: no interpreter at {python}") from None
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"compiling {backbone_name} took longer than {timeout_s:.0f} s; "
+                           "build with --compile none to skip it") from None
     for line in result.stderr.splitlines():
         if line.startswith("INFO "):
             logger.info("%s", line[5:])

@@ -59,4 +59,8 @@ def load_compiled_features(model_dir: Path, record: dict) -> CompiledFeatures | 
         logger.warning("compiled backbone not used, running eager instead (%s)", details)
         return None
     packages = {kind: Path(model_dir) / name for kind, name in record["files"].items()}
-    return CompiledFeatures(packages, record["max_batch"])
+    try:
+        return CompiledFeatures(packages, record["max_batch"])
+    except (RuntimeError, KeyError, OSError) as error:  # a missing or damaged package: still serve, eager
+        logger.warning("compiled backbone not used, running eager instead (cannot load it: %s)", error)
+        return None

@@ -8,7 +8,8 @@ import textwrap
 
 from handlers.archive import extract_archive
 from handlers.backbones import get_backbone
-from handlers.compile_backbone import compile_in_environment
+from handlers.compile_backbone import compile_in_environment, runtime_signature
+from handlers.compiled import load_compiled_features
 from handlers.manifest import read_archive_info
 from handlers.recognizer import load_recognizer
 from scripts.ts_runtime import PROJECT_ROOT, serving_python
@@ -69,6 +70,17 @@ def test_another_torch_runs_the_eager_backbone_with_a_warning(efficientnet_archi
     assert loaded.recognizer.compiled is False
     assert "compiled backbone not used, running eager instead" in caplog.text
     assert "torch: built for" in caplog.text
+
+
+def test_a_damaged_package_runs_the_eager_backbone_with_a_warning(tmp_path, caplog):
+    """Built for exactly this torch, CPU and thread count, but the file is not a package."""
+    import torch
+
+    caplog.set_level(logging.WARNING, logger="handlers.compiled")
+    (tmp_path / "features_b1.pt2").write_bytes(b"not a package")
+    record = {**runtime_signature(torch.get_num_threads()), "max_batch": 1, "files": {"single": "features_b1.pt2"}}
+    assert load_compiled_features(tmp_path, record) is None
+    assert "cannot load it" in caplog.text
 
 
 def test_the_served_worker_runs_the_compiled_backbone(imagenet_server):
