@@ -95,7 +95,7 @@ def compile_features(backbone_name: str, weights: Path, max_batch: int, threads:
     plans = {SINGLE: (1, None)}  # kind: (example batch, dynamic up to)
     if max_batch > 1:
         plans[BATCHED] = (2, max_batch)
-    record = {"format": "aoti", "max_batch": max_batch, "weights_sha256": weights_sha256, **signature, "files": {}}
+    record = {"format": "aoti", "max_batch": max_batch, **signature, "files": {}}
     for kind, (example_batch, dynamic_max) in plans.items():
         cached = _cache_file(cache_dir, backbone_name, kind, {"weights": weights_sha256, "max_batch": dynamic_max},
                              signature)

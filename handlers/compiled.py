@@ -4,8 +4,8 @@ same fp32 math, fused into native code.
 Measured here (2 cores, fp32): resnet18 features 12.5 -> 7.9 ms for one image and 10.4 -> 7.8
 ms/image at batch 8; efficientnet_lite0 8.0 -> 3.6 ms and 10.3 -> 5.9 ms/image; outputs within 2e-5
 of eager (docs/BENCHMARKS.md has the served figures and the accuracy guard). A worker loads the
-packages in milliseconds, through torch's C++ loader alone: importing torch._inductor would cost
-each worker seconds and about 100 MB.
+packages in milliseconds, through torch's C++ loader alone: loading through torch._inductor instead
+took 5.5 s and about 80 MB more per worker (resnet18, measured here).
 
 ``load_compiled_features`` checks the archive's record of the torch build, CPU and thread count the
 packages were compiled for against the worker, and falls back to the eager backbone, with a

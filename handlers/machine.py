@@ -18,25 +18,26 @@ def user_cache_dir(kind: str, env_var: str) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imagerec" / kind
 
 
-def cpu_model() -> str:
-    """The CPU's model name (compiled code uses every instruction the build machine's CPU has)."""
+def _cpuinfo(field: str) -> str | None:
+    """The first CPU's value of ``field`` in /proc/cpuinfo (Linux), else None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == field:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name, for people reading a report or a manifest."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_flags_digest() -> str:
     """A digest of the CPU's instruction-set flags: two machines with the same digest run the same
-    natively compiled code."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = " ".join(sorted(line.split(":", 1)[1].split()))
-                return hashlib.sha256(flags.encode()).hexdigest()[:16]
-    except OSError:
-        pass
-    return platform.machine()
+    natively compiled code (the compiler uses every instruction the build machine has)."""
+    flags = _cpuinfo("flags")
+    if flags is None:
+        return platform.machine()
+    return hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16]

@@ -3,7 +3,7 @@
 TorchServe workers run on the CPU build of torch, beside which torchvision does not import
 (requirements-serve.txt). This is torchvision's ``resnet18`` architecture with the same module
 names, so torchvision's ``ResNet18_Weights.IMAGENET1K_V1`` state_dict loads into it unchanged;
-``tests/test_backbones.py`` checks both give the same outputs from the same weights.
+``tests/test_build_archive.py`` checks both give the same outputs from the same weights.
 """
 
 from __future__ import annotations

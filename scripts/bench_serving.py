@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import psutil  # noqa: E402
 
 from handlers.constants import PRECISIONS  # noqa: E402
+from handlers.compile_backbone import COMPILE_MODES  # noqa: E402
 from handlers.machine import cpu_model  # noqa: E402
 from scripts.bench_in_worker import (  # noqa: E402
     GUARD_MAX_PROB_CHANGE, GUARD_MIN_TOP1, REFERENCE_VARIANT, VARIANTS, median_time,
@@ -88,13 +89,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each measurement")
     parser.add_argument("--model-warmup", type=float, default=4.0,
                         help="unmeasured seconds of 4-client load on each model before its first measurement "
-                             "(the Java frontend compiles its hot paths during the first thousand requests)")
+                             "(its worker and the Java frontend reach their steady speed)")
     parser.add_argument("--max-requests", type=int, default=20000,
                         help="upper bound on requests per client count (the loop is also bounded by time)")
     parser.add_argument("--request-timeout", type=float, default=30.0, help="seconds per HTTP request")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="precision of the served archives (default: scripts/build_archive.py's)")
-    parser.add_argument("--compile", choices=("aoti", "none"), default=None,
+    parser.add_argument("--compile", choices=COMPILE_MODES, default=None,
                         help="compile the served archives' backbones (default: scripts/build_archive.py's)")
     parser.add_argument("--compare-variants", action=argparse.BooleanOptionalAction, default=True,
                         help="also serve resnet18 as the other variants (fp32 eager, fp32+aoti, bf16)")
@@ -183,7 +184,7 @@ def offline_phase(options: dict) -> dict:
     weights = make_resnet18_weights(workdir)
     result["reference"] = reference_timings(weights, photos, options["reference_reps"])
     result["costs"] = preprocessing_costs(photos, batching.batch_size)
-    heads = fit_heads(Path(options["datasets"]), weights)
+    heads = fit_heads(Path(options["datasets"]))
     result["archives"] = build_bench_archives(workdir, weights, heads, default_variant, batching, options)
     result["worker"] = in_worker_measurements(workdir, result["archives"], photos, batching.batch_size, threads, options)
     return result
@@ -192,6 +193,11 @@ def offline_phase(options: dict) -> dict:
 def variant_name(precision: str, compiled: bool) -> str:
     """The names of scripts/bench_in_worker.py: fp32, fp32+aoti, bf16."""
     return f"{precision}+aoti" if compiled else precision
+
+
+def resnet18_variant_model(variant: str) -> str:
+    """The model name of the resnet18 archive served as ``variant`` (model names allow no '+')."""
+    return f"resnet18_{variant.replace('+', '_')}"
 
 
 def in_worker_measurements(workdir: Path, archives: dict, photos: list[Path], batch_size: int, threads: int,
@@ -328,7 +334,7 @@ def large_photo_timings(photos: list[Path], preprocessor) -> dict:
     return {"source": biggest.name, "bytes": len(data), "draft_ms": draft * 1e3, "full_ms": full * 1e3}
 
 
-def fit_heads(datasets: Path, resnet18_weights: Path) -> dict:
+def fit_heads(datasets: Path) -> dict:
     """{set name: (prototype head fitted on fp32 efficientnet_lite0 features, class names)}."""
     import torch
 
@@ -366,7 +372,7 @@ def build_bench_archives(workdir: Path, weights: Path, heads: dict, default_vari
     specs = {"resnet18": ("resnet18", default_variant, batching, None)}
     if options["compare_variants"]:
         for other in (v for v in VARIANTS if v != default_variant):
-            specs[f"resnet18_{other}"] = ("resnet18", other, batching, None)
+            specs[resnet18_variant_model(other)] = ("resnet18", other, batching, None)
     if options["levers"]:
         # Each lever changes one thing against the default archive.
         specs["resnet18_batch1"] = ("resnet18", default_variant, dataclasses.replace(batching, batch_size=1), None)
@@ -386,13 +392,13 @@ def build_bench_archives(workdir: Path, weights: Path, heads: dict, default_vari
         backbone = get_backbone(backbone_name)
         head, labels = heads[head_set] if head_set else (None, imagenet_categories())
         path = build_archive(
-            name=name.replace("+", "_"), version="1.0", backbone_name=backbone_name,
+            name=name, version="1.0", backbone_name=backbone_name,
             weights_path=weights if backbone_name == "resnet18" else backbone.resolve_weights(),
             labels=labels, out_dir=out, precision=variant.split("+")[0], head=head, batching=config,
             compile_with=serving_python() if variant.endswith("+aoti") else None, overwrite=True,
         )
-        archives[name.replace("+", "_")] = {"archive": str(path), "backbone": backbone_name, "variant": variant,
-                                            "batching": dataclasses.asdict(config), "head": head_set}
+        archives[name] = {"archive": str(path), "backbone": backbone_name, "variant": variant,
+                          "batching": dataclasses.asdict(config), "head": head_set}
     return archives
 
 
@@ -572,14 +578,13 @@ NOTES = """### What was changed, and the rows behind it
 
 - Backbone compiled ahead of time with AOTInductor (handlers/compile_backbone.py builds it,
   handlers/compiled.py runs it; `--compile aoti`, the default for fp32): batch norms folded into the
-  convolutions, activations fused, weights pre-packed for
-  oneDNN; the same fp32 function (guard table). Compiled once per backbone and machine when the
+  convolutions, activations fused, weights pre-packed for oneDNN; the same fp32 function (guard table). Compiled once per backbone and machine when the
   archive is built, in the serving environment, then cached. Two packages: one image with every shape
   fixed, and batches of 2 to the batch size (a dynamic batch dimension made single images about 40%
   slower). The worker loads them through torch's C++ loader in milliseconds. Rows: resnet18 against
   resnet18_fp32 (eager), and the fp32 / fp32+aoti rows of the ceiling table. Measured by hand and not
-  adopted: torch.compile inside each worker (about 15 s at every worker start and about 370 MB more
-  per worker for the compiler's own modules).
+  adopted: torch.compile inside each worker (about 15 s at a worker's first start, with an empty
+  compiler cache, and about 370 MB more per worker for the compiler's own modules).
 - Serving environment with the CPU build of torch (.venv-serve, requirements-serve.txt): torch 2.14.1
   exists here only as a CUDA build, whose libraries cost each worker about 285 MB at import (`import
   torch`: 504 MB resident against 218 MB for 2.13.0+cpu, measured by hand), for nothing on a CPU
@@ -679,7 +684,7 @@ def build_report(args, offline: dict, served: list[dict], started: str, loads: l
                      f"{reference['batch16_throughput']:.1f} = **{throughput_ratio:.2f}** "
                      f"(target >= {TARGET_THROUGHPUT_RATIO}: {'met' if throughput_ratio >= TARGET_THROUGHPUT_RATIO else 'missed'})")
     for other in (v for v in VARIANTS if v != offline["variant"]):
-        name = f"resnet18_{other.replace('+', '_')}"
+        name = resnet18_variant_model(other)
         s, m = runs.get((name, 1)), runs.get((name, top))
         if s and m and s["p50_ms"]:
             lines.append(f"- same ratios if resnet18 were served as {other}: "
@@ -821,7 +826,7 @@ def main(args: argparse.Namespace) -> str:
         resnets = [n for n in archives if archives[n]["backbone"] == "resnet18"]
         short = [1, max(args.levels)] if len(args.levels) > 1 else args.levels
         # The default archive and the precision lever get every client count; the other levers 1 and the most.
-        full = {"resnet18", *(f"resnet18_{v.replace('+', '_')}" for v in VARIANTS)}
+        full = {"resnet18", *(resnet18_variant_model(v) for v in VARIANTS)}
         tested = {n: args.levels if n in full else short for n in resnets}
         served = [serve_and_measure(workdir, "resnet18", archives, resnets, tested, photos, args)]
         loads.append(f"{os.getloadavg()[0]:.2f}")

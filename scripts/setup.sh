@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the service and its tests need, idempotently:
-#   Java 17+ (TorchServe's frontend) and g++ (AOTInductor); .venv (training, tests, benchmarks) and .venv-serve (the
-#   TorchServe runtime), each with its pinned packages.
+#   Java 17+ (TorchServe's frontend) and g++ (AOTInductor); .venv (training, tests, benchmarks)
+#   and .venv-serve (the TorchServe runtime), each with its pinned packages.
 # Re-running is cheap: packages are reinstalled only when a requirements file changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -79,11 +79,10 @@ def test_the_served_path_runs_in_the_serving_environment_without_torchvision():
     also cost each worker about 150 MB."""
     import subprocess
 
-    from scripts.ts_runtime import PROJECT_ROOT, torchserve_executable
+    from scripts.ts_runtime import PROJECT_ROOT, serving_python
 
     code = ("import sys, handlers.recognition_handler, handlers.recognizer, handlers.backbones; "
             "print('torchvision' in sys.modules)")
-    serve_python = torchserve_executable().with_name("python")
-    result = subprocess.run([str(serve_python), "-c", code], capture_output=True, text=True, timeout=120,
+    result = subprocess.run([str(serving_python()), "-c", code], capture_output=True, text=True, timeout=120,
                             cwd=PROJECT_ROOT)
     assert result.stdout.strip() == "False", result.stderr

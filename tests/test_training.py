@@ -107,32 +107,25 @@ def test_class_name_normalisation():
     assert normalised_class_name("shirt") != normalised_class_name("t-shirt")
 
 
-def _run(argv, tmp_path):
-    """train_head in-process; returns (exit code, cache dir)."""
+def _assert_refused_before_any_work(data, tmp_path, caplog, *phrases):
+    """train_head in-process on ``data`` exits EXIT_BAD_INPUT, logs every phrase, computes nothing."""
     cache = tmp_path / "cache"
-    code = train_head.run([*argv, "--backbone", "efficientnet_lite0", "--cache-dir", str(cache),
+    code = train_head.run([str(data), "--name", "x", "--backbone", "efficientnet_lite0", "--cache-dir", str(cache),
                            "--out", str(tmp_path / "out"), "--no-progress", "--views", "1"])
-    return code, cache
-
-
-def _assert_no_work(tmp_path, cache):
+    assert code == train_head.EXIT_BAD_INPUT
+    for phrase in phrases:
+        assert phrase in caplog.text
     assert not cache.exists(), "features were computed before the data was checked"
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_missing_folder_is_refused(tmp_path, caplog):
-    code, cache = _run([str(tmp_path / "nowhere"), "--name", "x"], tmp_path)
-    assert code == train_head.EXIT_BAD_INPUT
-    assert "does not exist" in caplog.text
-    _assert_no_work(tmp_path, cache)
+    _assert_refused_before_any_work(tmp_path / "nowhere", tmp_path, caplog, "does not exist")
 
 
 def test_fewer_than_two_classes_is_refused(datasets_dir, tmp_path, caplog):
     data = make_subset(datasets_dir, tmp_path / "data", classes=("ants",), train=3, val=0)
-    code, cache = _run([str(data), "--name", "x"], tmp_path)
-    assert code == train_head.EXIT_BAD_INPUT
-    assert "at least 2" in caplog.text
-    _assert_no_work(tmp_path, cache)
+    _assert_refused_before_any_work(data, tmp_path, caplog, "at least 2")
 
 
 def test_class_without_readable_image_is_refused(datasets_dir, tmp_path, caplog):
@@ -141,10 +134,7 @@ def test_class_without_readable_image_is_refused(datasets_dir, tmp_path, caplog)
     wasps.mkdir()
     (wasps / "notes.jpg").write_text("not a photo")
     (wasps / "empty.png").write_bytes(b"")
-    code, cache = _run([str(data), "--name", "x"], tmp_path)
-    assert code == train_head.EXIT_BAD_INPUT
-    assert "'wasps'" in caplog.text and "no readable image" in caplog.text
-    _assert_no_work(tmp_path, cache)
+    _assert_refused_before_any_work(data, tmp_path, caplog, "'wasps'", "no readable image")
 
 
 @pytest.mark.parametrize("clash", [("ants", "Ants"), ("t-shirt", "T_Shirt"), ("bees", "bees ")])
@@ -155,10 +145,7 @@ def test_clashing_class_names_are_refused(datasets_dir, tmp_path, caplog, clash)
             (data / name).mkdir()
             for source in sorted((data / "ants").iterdir())[:1]:
                 (data / name / source.name).symlink_to(source.resolve())
-    code, cache = _run([str(data), "--name", "x"], tmp_path)
-    assert code == train_head.EXIT_BAD_INPUT
-    assert "clash" in caplog.text
-    _assert_no_work(tmp_path, cache)
+    _assert_refused_before_any_work(data, tmp_path, caplog, "clash")
 
 
 def test_class_folders_only_get_a_seeded_stratified_split(datasets_dir, tmp_path, caplog):
