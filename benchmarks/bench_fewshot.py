@@ -1,7 +1,7 @@
 """Few-shot benchmark: heads on frozen EfficientNet-Lite0 features, a full fine-tuning baseline,
 and the wall time of training/train_head.py (cold and warm feature cache).
 
-    python scripts/bench_fewshot.py --docs docs/BENCHMARKS.md
+    python benchmarks/bench_fewshot.py --docs docs/BENCHMARKS.md
 
 For each data set and k in --shots: --episodes seeded episodes, each drawing --ways random classes
 (all classes when a set has fewer), k training images per class from train/, and evaluating on
@@ -26,25 +26,23 @@ import tempfile
 import time
 from pathlib import Path
 
-# Scripts run as files (python scripts/x.py): make the project root importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from handlers.backbones import get_backbone  # noqa: E402
-from handlers.compile_backbone import CACHE_DIR_VAR  # noqa: E402
-from handlers.machine import cpu_model  # noqa: E402
-from handlers.heads import build_head  # noqa: E402
-from training.data import load_dataset  # noqa: E402
-from training.evaluation import mean_ci95  # noqa: E402
-from training.features import Augmentation, FeatureExtractor, default_cache_dir  # noqa: E402
-from training.train_head import DEFAULT_HEAD, DEFAULT_VIEWS, single_thread, training_rows  # noqa: E402
+from benchmarks.report import machine_description, replace_section
+from handlers.backbones import get_backbone
+from handlers.heads import build_head
+from imagerec.cli import EXIT_BAD_ARGUMENTS, run_cli
+from imagerec.compile_backbone import CACHE_DIR_VAR
+from imagerec.paths import DATASETS_DIR as DATASETS
+from imagerec.paths import PROJECT_ROOT
+from training.data import load_dataset
+from training.evaluation import mean_ci95
+from training.features import Augmentation, FeatureExtractor, default_cache_dir
+from training.train_head import DEFAULT_HEAD, DEFAULT_VIEWS, single_thread, training_rows
 
 logger = logging.getLogger("bench_fewshot")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DATASETS = PROJECT_ROOT.parent / "shared" / "datasets"
 SECTION = "## Few-shot heads"
 BACKBONE = "efficientnet_lite0"  # the backbone with genuine ImageNet weights available offline
 HEAD_KINDS = ("linear", "prototype")
@@ -236,16 +234,9 @@ def time_train_head(args) -> dict:
     return timings
 
 
-def machine() -> str:
-    cpu = cpu_model()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{os.cpu_count()} cores ({cpu}), no GPU, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} torch threads; load average at the end {load:.1f}")
-
-
 def markdown(heads: list[dict], finetune: dict | None, timing: dict | None, args, seconds: float) -> str:
-    lines = [SECTION, "", f"Command: `python scripts/bench_fewshot.py {' '.join(sys.argv[1:])}` "
-             f"(total {seconds / 60:.1f} min).", "", f"Machine: {machine()}.", "",
+    lines = [SECTION, "", f"Command: `python benchmarks/bench_fewshot.py {' '.join(sys.argv[1:])}` "
+             f"(total {seconds / 60:.1f} min).", "", f"Machine: {machine_description()}.", "",
              f"Backbone {BACKBONE} (frozen); linear head's training rows = each image's plain view + {args.views} augmented "
              f"views (prototype: the plain view); {args.episodes} seeded episodes per row, {args.ways} random classes where a set has more, "
              "evaluated on all val images of the episode's classes. Mean accuracy ± half-width of the 95% "
@@ -272,20 +263,6 @@ def markdown(heads: list[dict], finetune: dict | None, timing: dict | None, args
     return "\n".join(lines) + "\n"
 
 
-def replace_section(path: Path, text: str) -> None:
-    """Replace (or append) our section, leaving every other section untouched."""
-    existing = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = existing.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        new = existing.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "".join(lines[:start]) + text + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
-
-
 def main(args: argparse.Namespace) -> str:
     if args.episodes < 2 or args.ways < 2 or args.views < 0 or args.finetune_epochs < 0:
         raise ValueError("--episodes and --ways must be at least 2; --views and --finetune-epochs not negative")
@@ -299,16 +276,10 @@ def main(args: argparse.Namespace) -> str:
     if args.json:
         args.json.write_text(json.dumps({"heads": heads, "finetune": finetune, "timing": timing}, indent=1))
     if args.docs:
-        replace_section(args.docs, text)
+        replace_section(args.docs, SECTION, text)
         logger.info("updated %s", args.docs)
     return text
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        output = main(get_args_parser().parse_args())
-    except ValueError as exc:
-        logger.error("%s", exc)
-        sys.exit(2)
-    sys.stdout.write(output)
+    run_cli(main, get_args_parser(), {ValueError: EXIT_BAD_ARGUMENTS}, logger=logger, output=str.rstrip)

@@ -1,14 +1,15 @@
-"""The worker's side of scripts/bench_serving.py: forward costs and the accuracy guard, measured with
+"""The worker's side of benchmarks/bench_serving.py: forward costs and the accuracy guard, measured with
 the serving environment's torch (.venv-serve), on the archives the servers load.
 
-    .venv-serve/bin/python scripts/bench_in_worker.py --spec spec.json --out result.json
+    .venv-serve/bin/python -m benchmarks.bench_in_worker --spec spec.json --out result.json
 
 bench_serving.py writes the spec and reads the result; run by hand only to repeat its measurements.
 Each archive is measured in three variants, all from the same files:
   fp32        eager backbone (the reference of the guard)
   fp32+aoti   the archive's AOTInductor-compiled backbone (handlers/compiled.py)
   bf16        eager backbone under bf16 autocast
-Imports torch and handlers only: the serving environment has nothing else.
+Imports torch and handlers only: the serving environment has nothing else (it finds this project
+on PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -17,14 +18,11 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
-# Scripts run as files (python scripts/x.py): make the project root importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from handlers.layout import extract_archive
 
 logger = logging.getLogger("bench_in_worker")
 
@@ -36,9 +34,9 @@ GUARD_MAX_PROB_CHANGE = 0.02
 
 def variants_of(model_dir: Path) -> list[str]:
     """The variants an unpacked archive can run: fp32+aoti only if it has a compiled backbone."""
-    from handlers.recognizer import read_model_info
+    from handlers.layout import read_archive_info
 
-    compiled = bool(read_model_info(model_dir).get("compiled"))
+    compiled = bool(read_archive_info(model_dir).get("compiled"))
     return [v for v in VARIANTS if compiled or not v.endswith("+aoti")]
 
 
@@ -131,12 +129,6 @@ def accuracy_guard(model_dir: Path, photos: list[Path], batch_size: int, relativ
             for variant in variants_of(model_dir) if variant != REFERENCE_VARIANT}
 
 
-def unpack(archive: Path, into: Path) -> Path:
-    with zipfile.ZipFile(archive) as zf:
-        zf.extractall(into)
-    return into
-
-
 def run(spec: dict) -> dict:
     """spec: {"threads", "batch_size", "reps", "cost_photos": [...], "costs": {name: archive},
     "guard": {name: {"archive", "photos": [...], "relative": bool}}}."""
@@ -149,7 +141,7 @@ def run(spec: dict) -> dict:
 
         def model_dir(archive: str) -> Path:
             if archive not in unpacked:
-                unpacked[archive] = unpack(Path(archive), Path(tmp) / Path(archive).stem)
+                unpacked[archive] = extract_archive(archive, Path(tmp) / Path(archive).stem)
             return unpacked[archive]
 
         cost_photos = [Path(p) for p in spec["cost_photos"]]

@@ -1,6 +1,6 @@
 """Scale-down under load: TorchServe's in-place scale-down versus manage.py's re-registration.
 
-    python scripts/bench_lifecycle.py --archive archives/efficientnet_lite0_v1.0.mar --rounds 3
+    python benchmarks/bench_lifecycle.py --archive archives/efficientnet_lite0_v1.0.mar --rounds 3
 
 Starts its own TorchServe (free loopback ports, temporary model store), registers the archive with
 one worker, and runs CLIENTS threads sending real photos to /predictions/NAME for the whole run.
@@ -16,26 +16,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts run as files
-
-from scripts import manage  # noqa: E402
-from scripts.ts_runtime import PROJECT_ROOT, TorchServe  # noqa: E402
-from tests.lifecycle_heads import LoadClients, summarise  # noqa: E402
+from benchmarks.load import LoadClients, summarise
+from imagerec import management as manage
+from imagerec.cli import EXIT_BAD_ARGUMENTS, run_cli
+from imagerec.paths import DATASETS_DIR, DEFAULT_MODEL_STORE
+from imagerec.torchserve import TorchServe
 
 logger = logging.getLogger("bench_lifecycle")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archive", type=Path, default=PROJECT_ROOT / "archives" / "efficientnet_lite0_v1.0.mar",
+    parser.add_argument("--archive", type=Path, default=DEFAULT_MODEL_STORE / "efficientnet_lite0_v1.0.mar",
                         help="model archive to serve (built by scripts/build_archive.py)")
     parser.add_argument("--photos", type=Path,
-                        default=PROJECT_ROOT.parent / "shared" / "datasets" / "hymenoptera" / "val",
+                        default=DATASETS_DIR / "hymenoptera" / "val",
                         help="folder tree of photos the clients send")
     parser.add_argument("--clients", type=int, default=8, help="concurrent client threads")
     parser.add_argument("--rounds", type=int, default=3, help="scale-down rounds per method")
@@ -59,7 +58,7 @@ def main(args: argparse.Namespace) -> dict:
                                    drain_seconds=args.drain_seconds)
             manage.register_archive(args.archive, management_url=server.management_url, key_file=server.key_file,
                                     model_store=server.model_store, workers=1)
-            with LoadClients(server, facts.name, photos, clients=args.clients, max_seconds=3600) as load:
+            with LoadClients.for_model(server, facts.name, photos, clients=args.clients, max_seconds=3600) as load:
                 time.sleep(3)
                 for round_index in range(args.rounds):
                     for method in ("in-place", "re-register"):
@@ -76,7 +75,7 @@ def main(args: argparse.Namespace) -> dict:
             total = summarise(load.records)
             for round_number, method, start, end, serving in windows:
                 # Every request in flight at some point of the scale-down.
-                during = summarise([r for r in load.records if r[0] <= end and r[0] + r[1] >= start])
+                during = summarise([r for r in load.records if r.sent <= end and r.sent + r.latency >= start])
                 results.append({"round": round_number, "method": method, "seconds": round(end - start, 1),
                                 "serving": serving, **during})
                 logger.info("%s", results[-1])
@@ -89,10 +88,5 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        report = main(get_args_parser().parse_args())
-    except (ValueError, manage.ManageError) as exc:
-        logger.error("%s", exc)
-        sys.exit(getattr(exc, "exit_code", 2))
-    print(json.dumps(report))
+    # ManageError carries its own exit code.
+    run_cli(main, get_args_parser(), {ValueError: EXIT_BAD_ARGUMENTS}, logger=logger, output=json.dumps)

@@ -1,7 +1,7 @@
 """Serving speed: TorchServe over HTTP against the raw model in-process, in one run.
 
-    .venv/bin/python scripts/bench_serving.py            # full run (about 6-10 minutes on 2 cores)
-    .venv/bin/python scripts/bench_serving.py --quick    # smoke run (about 3 minutes)
+    .venv/bin/python -m benchmarks.bench_serving            # full run (about 6-10 minutes on 2 cores)
+    .venv/bin/python -m benchmarks.bench_serving --quick    # smoke run (about 3 minutes)
 
 What it does, in order:
 1. Offline, in a child process (so that no torch pages of this process are counted in the servers'
@@ -9,7 +9,7 @@ What it does, in order:
    decode + preprocess + forward for real photos, batch-16 forward throughput), preprocessing costs,
    and the archives: resnet18 (self-made weights, as in tests/conftest.py) with its lever variants,
    efficientnet_lite0 and two prototype heads on it (clothing10, signdigits10). Then, with the
-   workers' torch (scripts/bench_in_worker.py in .venv-serve): the forward costs behind the ceiling
+   workers' torch (benchmarks/bench_in_worker.py in .venv-serve): the forward costs behind the ceiling
    and the accuracy guard (compiled and bf16 against fp32 eager on every val image of
    ../shared/datasets), for each variant of the served archives.
 2. Served: one TorchServe with the resnet18 archives, then one with efficientnet_lite0 and the two
@@ -26,42 +26,35 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import http.client
 import json
 import logging
 import os
-import platform
 import re
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from urllib.parse import urlsplit
-
-# Scripts run as files (python scripts/x.py): make the project root importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # This process stays torch-free (torch is imported only in the offline child): proportional set size
 # splits shared library pages among every process mapping them, so a torch-importing benchmark
 # process would make the servers look smaller than they are.
-import psutil  # noqa: E402
+import psutil
 
-from handlers.constants import PRECISIONS  # noqa: E402
-from handlers.compile_backbone import COMPILE_MODES  # noqa: E402
-from handlers.machine import cpu_model  # noqa: E402
-from scripts.bench_in_worker import (  # noqa: E402
-    GUARD_MAX_PROB_CHANGE, GUARD_MIN_TOP1, REFERENCE_VARIANT, VARIANTS, median_time,
-)
-from scripts.ts_runtime import PROJECT_ROOT, TorchServe, auth_header, install_archive, serving_python  # noqa: E402
+from benchmarks.bench_in_worker import GUARD_MAX_PROB_CHANGE, GUARD_MIN_TOP1, REFERENCE_VARIANT, VARIANTS, median_time
+from benchmarks.load import LoadClients, percentile
+from benchmarks.report import machine_description, replace_section
+from handlers.constants import PRECISIONS
+from imagerec.cli import EXIT_BAD_ARGUMENTS, run_cli
+from imagerec.compile_backbone import COMPILE_MODES
+from imagerec.paths import DATASETS_DIR, DOCS_DIR, PROJECT_ROOT
+from imagerec.torchserve import TorchServe, install_archive, serving_python
 
 logger = logging.getLogger("bench_serving")
 
-SHARED_DATASETS = PROJECT_ROOT.parent / "shared" / "datasets"
-DOC_PATH = PROJECT_ROOT / "docs" / "BENCHMARKS.md"
+DOC_PATH = DOCS_DIR / "BENCHMARKS.md"
 SECTION = "## Serving speed"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 HEAD_SETS = ("clothing10", "signdigits10")  # the two heads of the memory target; the first is load-tested
@@ -72,7 +65,6 @@ MEMORY_TARGET_MB = 1536
 LEVER_DELAYS_MS = (0, 1, 5, 10)  # max batch delays tried against the default archive's
 TARGET_THROUGHPUT_RATIO = 2.5
 TARGET_LATENCY_RATIO = 0.7
-EXIT_BAD_ARGUMENTS = 2
 # Longer than the handler's IDLE_TRIM_S (it returns a batch's freed memory to the OS after that
 # idle time); not imported from there because importing the handler module would import torch.
 MEMORY_SETTLE_S = 4.0
@@ -80,7 +72,7 @@ MEMORY_SETTLE_S = 4.0
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", type=Path, default=SHARED_DATASETS,
+    parser.add_argument("--datasets", type=Path, default=DATASETS_DIR,
                         help="ImageFolder sets with val/ splits (photos for the load and the guard)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where archives, servers and logs go (default: a fresh temporary directory)")
@@ -191,7 +183,7 @@ def offline_phase(options: dict) -> dict:
 
 
 def variant_name(precision: str, compiled: bool) -> str:
-    """The names of scripts/bench_in_worker.py: fp32, fp32+aoti, bf16."""
+    """The names of benchmarks/bench_in_worker.py: fp32, fp32+aoti, bf16."""
     return f"{precision}+aoti" if compiled else precision
 
 
@@ -202,7 +194,7 @@ def resnet18_variant_model(variant: str) -> str:
 
 def in_worker_measurements(workdir: Path, archives: dict, photos: list[Path], batch_size: int, threads: int,
                            options: dict) -> dict:
-    """Forward costs and the accuracy guard with the workers' torch (scripts/bench_in_worker.py)."""
+    """Forward costs and the accuracy guard with the workers' torch (benchmarks/bench_in_worker.py)."""
     import subprocess
 
     guard_photos = spread(photos, options["guard_images"])
@@ -222,10 +214,11 @@ def in_worker_measurements(workdir: Path, archives: dict, photos: list[Path], ba
     }
     spec_path, out_path = workdir / "in_worker_spec.json", workdir / "in_worker_result.json"
     spec_path.write_text(json.dumps(spec, indent=1))
-    command = [str(serving_python()), str(PROJECT_ROOT / "scripts" / "bench_in_worker.py"),
+    command = [str(serving_python()), "-m", "benchmarks.bench_in_worker",
                "--spec", str(spec_path), "--out", str(out_path)]
     logger.info("forward costs and accuracy guard in the serving environment (%d guard images)", len(guard_photos))
-    subprocess.run(command, check=True, cwd=PROJECT_ROOT)
+    # The serving environment has torch and TorchServe only: it finds this project on PYTHONPATH.
+    subprocess.run(command, check=True, cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
     return json.loads(out_path.read_text())
 
 
@@ -459,58 +452,22 @@ def system_busy_seconds() -> float:
 
 
 def load_test(server: TorchServe, model: str, photos: list[bytes], clients: int, args, roles: dict[str, int]) -> dict:
-    """``clients`` closed-loop clients (one keep-alive connection each) PUT real photos for warm-up +
-    duration seconds; figures cover the measured window only."""
-    url = urlsplit(server.inference_url)
-    headers = {"Content-Type": "application/octet-stream", **auth_header(server.keys["inference"])}
-    path = f"/predictions/{model}"
+    """``clients`` closed-loop clients (benchmarks/load.py) PUT real photos for warm-up + duration
+    seconds; figures cover the measured window only."""
     start = time.monotonic()
     measure_from, stop_at = start + args.warmup, start + args.warmup + args.duration
-    records: list[tuple[float, float, int]] = []
-    lock = threading.Lock()
-    budget = [args.max_requests]
-
-    def client(index: int) -> None:
-        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=args.request_timeout)
-        position = index * len(photos) // clients
-        try:
-            while time.monotonic() < stop_at:
-                with lock:
-                    if budget[0] <= 0:
-                        return
-                    budget[0] -= 1
-                data = photos[position % len(photos)]
-                position += 1
-                sent = time.monotonic()
-                try:
-                    connection.request("PUT", path, body=data, headers=headers)
-                    response = connection.getresponse()
-                    response.read()
-                    status = response.status
-                except (OSError, http.client.HTTPException):
-                    status = 0
-                    connection.close()
-                    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=args.request_timeout)
-                with lock:
-                    records.append((sent, time.monotonic() - sent, status))
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-    for thread in threads:
-        thread.start()
     pids = {**roles, "load generator": os.getpid()}
-    time.sleep(max(0.0, measure_from - time.monotonic()))
-    cpu_before, busy_before, t_before = cpu_seconds(pids), system_busy_seconds(), time.monotonic()
-    time.sleep(max(0.0, stop_at - time.monotonic()))
-    cpu_after, busy_after, t_after = cpu_seconds(pids), system_busy_seconds(), time.monotonic()
-    for thread in threads:
-        thread.join(timeout=args.request_timeout + 5)
+    with LoadClients.for_model(server, model, photos, clients=clients, max_seconds=args.warmup + args.duration,
+                               max_requests=args.max_requests, timeout=args.request_timeout) as load:
+        time.sleep(max(0.0, measure_from - time.monotonic()))
+        cpu_before, busy_before, t_before = cpu_seconds(pids), system_busy_seconds(), time.monotonic()
+        time.sleep(max(0.0, stop_at - time.monotonic()))
+        cpu_after, busy_after, t_after = cpu_seconds(pids), system_busy_seconds(), time.monotonic()
     window = t_after - t_before
     # Requests answered inside the window (whenever sent): a closed loop's throughput is completions
     # per second; requiring the whole request inside a short window would drop the slow ones.
-    measured = [(s, latency, status) for s, latency, status in records if measure_from <= s + latency <= stop_at]
-    ok = sorted(latency for _, latency, status in measured if status == 200)
+    measured = [r for r in load.records if measure_from <= r.sent + r.latency <= stop_at]
+    ok = [r.latency * 1e3 for r in measured if r.status == 200]
     cpu = {role: (cpu_after[role] - cpu_before[role]) / window for role in cpu_after if role in cpu_before}
     ours = sum(cpu.values())
     return {
@@ -520,13 +477,6 @@ def load_test(server: TorchServe, model: str, photos: list[bytes], clients: int,
         "cpu_cores": cpu, "cpu_cores_total": ours,
         "cpu_cores_others": max(0.0, (busy_after - busy_before) / window - ours),
     }
-
-
-def percentile(sorted_seconds: list[float], q: float) -> float | None:
-    if not sorted_seconds:
-        return None
-    index = min(len(sorted_seconds) - 1, max(0, round(q / 100 * len(sorted_seconds) + 0.5) - 1))
-    return sorted_seconds[index] * 1e3
 
 
 def serve_and_measure(workdir: Path, name: str, archives: dict, models: list[str], tested: dict[str, list[int]],
@@ -633,9 +583,8 @@ def build_report(args, offline: dict, served: list[dict], started: str, loads: l
     runs = {(r["model"], r["clients"]): r for part in served for r in part["runs"]}
     lines = [
         SECTION, "",
-        f"Command: `{' '.join(['.venv/bin/python', 'scripts/bench_serving.py', *sys.argv[1:]])}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_model()}), no GPU; "
-        f"Python {platform.python_version()}. Started {started}.  ",
+        f"Command: `{' '.join(['.venv/bin/python', '-m', 'benchmarks.bench_serving', *sys.argv[1:]])}`  ",
+        f"Machine: {machine_description()}. Started {started}.  ",
         f"Load average (1 min) before / during / after: {' / '.join(loads)} (other engineers' jobs share "
         f"these cores; the 'others' column is CPU used by processes outside this benchmark).  ",
         f"Served archives: **{offline['variant']}** ({VARIANT_WORDS[offline['variant']]}), "
@@ -799,16 +748,6 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def write_section(doc: Path, section: str) -> None:
-    """Replace (or append) this benchmark's section, leaving every other section as it is."""
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    body = section.rstrip("\n") + "\n\n"
-    text = pattern.sub(lambda _: body, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text.rstrip("\n") + "\n")
-
-
 def main(args: argparse.Namespace) -> str:
     check_args(args)
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -840,15 +779,10 @@ def main(args: argparse.Namespace) -> str:
         report = build_report(args, offline, served, started, loads)
         (workdir / "bench_serving.json").write_text(json.dumps({"offline": offline, "served": served}, indent=1))
     if not args.no_doc:
-        write_section(args.doc, report)
+        replace_section(args.doc, SECTION, report)
         logger.info("wrote section %r of %s", SECTION, args.doc)
     return report
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        print(main(get_args_parser().parse_args()))
-    except ValueError as exc:
-        logger.error("%s", exc)
-        sys.exit(EXIT_BAD_ARGUMENTS)
+    run_cli(main, get_args_parser(), {ValueError: EXIT_BAD_ARGUMENTS}, logger=logger, output=str)

@@ -1,4 +1,4 @@
-"""Head archives for the lifecycle tests (test_manage*, test_lifecycle*, test_security*).
+"""Head archives for the lifecycle tests and benchmarks (test_manage, test_lifecycle, bench_lifecycle).
 
 Built directly from the library (no training CLI): EfficientNet-Lite0 features of a few
 hymenoptera train photos, a prototype head, ``build_archive`` with packed check images. Version 1
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from handlers.archive import build_archive
 from handlers.backbones import get_backbone
 from handlers.heads import build_head
 from handlers.imaging import ImagePreprocessor
+from imagerec.archive import build_archive
 
 NAME = "bees_vs_ants"
 CLASSES = ["ants", "bees"]
@@ -67,79 +67,3 @@ def val_photos(datasets_dir: Path, per_class: int = 12, max_bytes: int = 200_000
     outliers, so the 2-core machine spends the run on serving rather than on decoding."""
     photos = [p for cls in CLASSES for p in _photos(datasets_dir, "val", cls)[:3 * per_class]]
     return [p.read_bytes() for p in photos if p.stat().st_size <= max_bytes][:2 * per_class]
-
-
-class LoadClients:
-    """N threads sending photos to /predictions/NAME until stopped; every answer is recorded.
-
-    A record is (start time, latency s, HTTP status or -1 for a connection error, X-Model-Version),
-    plus the start of the body for a failed request.
-    Bounded: each thread stops after ``max_seconds`` even if nobody calls stop().
-    """
-
-    def __init__(self, server, name: str, photos: list[bytes], clients: int = 8, max_seconds: float = 600.0,
-                 timeout: float = 60.0):
-        import threading
-
-        self.server, self.name, self.photos = server, name, photos
-        self.records: list[tuple[float, float, int, str | None]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._deadline_s = max_seconds
-        self._timeout = timeout
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
-
-    def _run(self, index: int) -> None:
-        import time
-
-        import requests
-
-        session = requests.Session()
-        deadline = time.monotonic() + self._deadline_s
-        i = index
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            start = time.monotonic()
-            try:
-                response = self.server.predict(self.name, self.photos[i % len(self.photos)], session=session,
-                                               timeout=self._timeout)
-                record = (start, time.monotonic() - start, response.status_code,
-                          response.headers.get("X-Model-Version"))
-                if response.status_code != 200:
-                    record += (response.text[:300],)  # why, for the failure message
-            except requests.RequestException:
-                record = (start, time.monotonic() - start, -1, None, "connection error")
-            with self._lock:
-                self.records.append(record)
-            i += len(self._threads)
-
-    def __enter__(self) -> "LoadClients":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(self._timeout + 5)
-
-    def snapshot(self) -> list:
-        with self._lock:
-            return list(self.records)
-
-
-def summarise(records: list) -> dict:
-    """Request count, failures (status != 200), p50/p99 latency in ms, versions seen."""
-    latencies = sorted(r[1] for r in records)
-
-    def pct(q: float) -> float:
-        return round(1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1) if latencies else 0.0
-
-    failures = [r for r in records if r[2] != 200]
-    return {
-        "requests": len(records),
-        "failures": len(failures),
-        "failure_statuses": sorted({r[2] for r in failures}),
-        "p50_ms": pct(0.50),
-        "p99_ms": pct(0.99),
-        "versions": sorted({r[3] for r in records if r[3]}),
-    }

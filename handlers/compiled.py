@@ -1,4 +1,4 @@
-"""Backbones compiled ahead of time with AOTInductor (handlers/compile_backbone.py builds them): the
+"""Backbones compiled ahead of time with AOTInductor (imagerec/compile_backbone.py builds them): the
 same fp32 math, fused into native code.
 
 Measured here (2 cores, fp32): resnet18 features 12.5 -> 7.9 ms for one image and 10.4 -> 7.8
@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from handlers.compile_backbone import BATCHED, SINGLE, runtime_signature
+from handlers.layout import BATCHED, SINGLE
+from handlers.machine import runtime_signature
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Constants shared by the TorchServe handler, archive building and training.
 
-One module so that the served path and the training path can never disagree on a file name, an
-input size or a normalisation.
+One module so that the served path and the training path can never disagree on an input size, a
+limit or a normalisation. File names inside an archive are in ``handlers.layout``.
 """
 
 # Preprocessing defaults: ImageNet statistics and the classic resize-then-crop geometry.
@@ -10,22 +10,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_SIZE = 256
 CROP_SIZE = 224
 
-# Files inside a model archive (flat at the archive root, next to the handler).
-WEIGHTS_FILE = "weights.pt"  # plain state_dict of the backbone (the archive's serializedFile)
-HEAD_FILE = "head.pt"  # plain state_dict of a few-shot head
-LABELS_FILE = "index_to_name.json"  # {"0": "tench", ...}, TorchServe's own convention
-MODEL_INFO_FILE = "model_info.json"  # our manifest: backbone, precision, head, training record
-MODEL_CONFIG_FILE = "model-config.yaml"  # TorchServe's per-model config (batching, workers)
-# Optional: the backbone compiled with AOTInductor (handlers/compiled.py), for one image and for batches.
-COMPILED_FEATURES_FILES = {"single": "features_b1.pt2", "batched": "features_batched.pt2"}
-CHECK_IMAGES_DIR = "check_images"  # a few labelled images a deployment sends before switching
-
 # Answers.
 TOP_K = 3
 VERSION_HEADER = "X-Model-Version"  # which archive version answered a prediction
 
-# Input limits. A 12-megapixel phone photo is about 4000x3000 and at most ~20 MB as a JPEG.
-MAX_REQUEST_BYTES = 20 * 1024 * 1024
+# Input limits. A 12-megapixel phone photo is about 4000x3000 and at most ~20 MB as a JPEG
+# (config.properties' max_request_size adds room for multipart framing).
 # Decoding 64 MP (about 190 MB as RGB) is the most one request may ask of a worker; anything larger
 # is treated as a decompression bomb and refused before its pixels are decoded.
 MAX_IMAGE_PIXELS = 64_000_000

@@ -19,9 +19,9 @@ from http import HTTPStatus
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers.archive import BatchingConfig
 from handlers.constants import TOP_K, VERSION_HEADER
 from handlers.imaging import ImageError, ImagePreprocessor
+from handlers.machine import worker_threads
 from handlers.payload import Batch, request_bytes
 from handlers.recognizer import load_recognizer
 
@@ -66,9 +66,8 @@ class RecognitionHandler(BaseHandler):
     def _set_threads(model_yaml_config: dict):
         """One worker per model by default: give it the cores, never more (no oversubscription)."""
         options = model_yaml_config.get("handler") or {}
-        batching = BatchingConfig(workers=int(model_yaml_config.get("minWorkers") or 1),
-                                  torch_threads=int(options.get("torch_threads") or 0))
-        torch.set_num_threads(batching.threads)
+        torch.set_num_threads(worker_threads(int(model_yaml_config.get("minWorkers") or 1),
+                                             int(options.get("torch_threads") or 0)))
         try:
             torch.set_num_interop_threads(1)
         except RuntimeError:  # only settable before the first parallel op; fine if already set

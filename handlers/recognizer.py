@@ -1,4 +1,4 @@
-"""An unpacked model archive turned into a ready model: the one place that reads archive contents.
+"""An unpacked model archive turned into a ready model (``handlers.layout`` says where each file is).
 
 The TorchServe handler, the tests and the benchmarks all load models through ``load_recognizer``, so
 "served" and "in-process" mean the same network, weights, precision and labels.
@@ -6,7 +6,6 @@ The TorchServe handler, the tests and the benchmarks all load models through ``l
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,9 @@ from torch import nn
 
 from handlers.backbones import Backbone, FeatureClassifier, get_backbone
 from handlers.compiled import CompiledFeatures, load_compiled_features
-from handlers.constants import HEAD_FILE, LABELS_FILE, MODEL_INFO_FILE, PRECISIONS, WEIGHTS_FILE
+from handlers.constants import PRECISIONS
 from handlers.heads import FeatureHead, build_head
+from handlers.layout import HEAD_FILE, WEIGHTS_FILE, ArchiveContents
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +60,6 @@ class LoadedModel:
     backbone: Backbone
 
 
-def read_model_info(model_dir: str | Path) -> dict:
-    return json.loads((Path(model_dir) / MODEL_INFO_FILE).read_text())
-
-
-def read_labels(model_dir: str | Path) -> list[str]:
-    mapping = json.loads((Path(model_dir) / LABELS_FILE).read_text())
-    return [mapping[str(i)] for i in range(len(mapping))]
-
-
 def load_recognizer(model_dir: str | Path, precision: str | None = None, compile: bool = True) -> LoadedModel:
     """Load an unpacked archive (or a staging directory with the same files).
 
@@ -77,14 +68,15 @@ def load_recognizer(model_dir: str | Path, precision: str | None = None, compile
     (handlers/compiled.py); False, or any other precision, runs the eager backbone.
     """
     model_dir = Path(model_dir)
-    info = read_model_info(model_dir)
+    contents = ArchiveContents(model_dir)
+    info = contents.info()
     backbone = get_backbone(info["backbone"])
     network = backbone.load(model_dir / WEIGHTS_FILE)
     head = None
     if info.get("head"):
         head = build_head(info["head"]["type"], backbone.feature_dim, info["head"]["num_classes"])
         head.load_state_dict(torch.load(model_dir / HEAD_FILE, map_location="cpu", weights_only=True))
-    labels = read_labels(model_dir)
+    labels = contents.labels()
     precision = precision or info.get("precision", "fp32")
     compiled = info.get("compiled")
     if compiled and precision == "fp32" and compile:

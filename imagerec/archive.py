@@ -1,43 +1,45 @@
-"""Writing model archives (.mar): the one place that knows an archive's layout.
+"""Writing model archives (.mar), with the file names of ``handlers.layout``.
 
 An archive is self-contained: backbone weights, optional head, class names, ``model_info.json``
-(our manifest), TorchServe's ``model-config.yaml``, this ``handlers`` package and the handler.
-``handlers.recognizer.load_recognizer`` reads the same files back.
+(our manifest), TorchServe's ``model-config.yaml``, the runtime-only ``handlers`` package and the
+handler. ``handlers.recognizer.load_recognizer`` reads the same files back.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
+import handlers
 from handlers.backbones import get_backbone
-from handlers.manifest import file_sha256
-from handlers.compile_backbone import compile_in_environment
-from handlers.naming import archive_file_name, validate_name, validate_version
-from handlers.constants import (
+from handlers.constants import PRECISIONS
+from handlers.layout import (
     CHECK_IMAGES_DIR,
+    HANDLER_PACKAGE,
     HEAD_FILE,
     LABELS_FILE,
     MODEL_CONFIG_FILE,
     MODEL_INFO_FILE,
-    PRECISIONS,
     WEIGHTS_FILE,
+    check_image_member,
 )
+from handlers.machine import worker_threads
+from imagerec.compile_backbone import compile_in_environment
+from imagerec.files import atomic_copy, file_sha256
+from imagerec.naming import archive_file_name, validate_name, validate_version
 
 logger = logging.getLogger(__name__)
 
-HANDLERS_DIR = Path(__file__).resolve().parent
+HANDLERS_DIR = Path(handlers.__file__).resolve().parent
 HANDLER_FILE = HANDLERS_DIR / "recognition_handler.py"
 
 @dataclass
@@ -55,10 +57,8 @@ class BatchingConfig:
 
     @property
     def threads(self) -> int:
-        """torch threads of each worker: never more than the cores in all (no oversubscription)."""
-        if self.torch_threads > 0:
-            return self.torch_threads
-        return max(1, (os.cpu_count() or 1) // self.workers)
+        """torch threads of each worker (``handlers.machine.worker_threads``, which the worker applies)."""
+        return worker_threads(self.workers, self.torch_threads)
 
     def to_yaml(self) -> dict:
         return {
@@ -93,7 +93,7 @@ def build_archive(
     info: extra manifest entries (training arguments, data fingerprint, metrics...).
     check_images: (image path, expected label) pairs packed for deployment checks.
     compile_with: the serving environment's Python, to compile the backbone with AOTInductor
-        (handlers/compile_backbone.py); None keeps it eager. fp32 only.
+        (imagerec/compile_backbone.py); None keeps it eager. fp32 only.
     """
     validate_name(name)
     validate_version(version)
@@ -102,18 +102,39 @@ def build_archive(
     if compile_with is not None and precision != "fp32":
         raise ValueError(f"compiling supports fp32 only, not {precision}; build {precision} without compiling")
     backbone = get_backbone(backbone_name)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / archive_file_name(name, version)
+    target = Path(out_dir) / archive_file_name(name, version)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; choose another --version or remove it")
     batching = batching or BatchingConfig()
+    manifest = base_manifest(name, version, backbone.name, weights_path, precision, labels, head, info)
+    with tempfile.TemporaryDirectory(prefix="mar-stage-") as tmp:
+        stage = Path(tmp)
+        extra = stage / "extra"  # everything here lands at the archive root
+        extra.mkdir()
+        shutil.copyfile(weights_path, stage / WEIGHTS_FILE)
+        write_model_files(extra, labels, head)
+        if compile_with is not None:
+            manifest["compiled"] = compile_in_environment(compile_with, backbone.name, Path(weights_path),
+                                                          batching.batch_size, batching.threads, extra)
+        if check_images:
+            manifest["check_images"] = write_check_images(extra, check_images)
+        (extra / MODEL_INFO_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        shutil.copytree(HANDLERS_DIR, extra / HANDLER_PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        (stage / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(batching.to_yaml(), sort_keys=False))
+        _run_model_archiver(name, version, stage)
+        atomic_copy(stage / f"{name}.mar", target)
+    logger.info("wrote %s (%.1f MB)", target, target.stat().st_size / 1e6)
+    return target
 
-    manifest = {
+
+def base_manifest(name: str, version: str, backbone_name: str, weights_path: str | Path, precision: str,
+                  labels: list[str], head, info: dict | None) -> dict:
+    """model_info.json before the build adds what it produced (compiled packages, check images)."""
+    return {
         "name": name,
         "version": version,
         "kind": "head" if head is not None else "imagenet",
-        "backbone": backbone.name,
+        "backbone": backbone_name,
         "weights_sha256": file_sha256(weights_path),
         "precision": precision,
         "num_classes": len(labels),
@@ -122,31 +143,24 @@ def build_archive(
         "head": {"type": head.kind, "num_classes": head.num_classes} if head is not None else None,
         **(info or {}),
     }
-    with tempfile.TemporaryDirectory(prefix="mar-stage-") as tmp:
-        stage = Path(tmp)
-        extra = stage / "extra"  # everything here lands at the archive root
-        extra.mkdir()
-        shutil.copyfile(weights_path, stage / WEIGHTS_FILE)
-        (extra / LABELS_FILE).write_text(json.dumps({str(i): label for i, label in enumerate(labels)}, indent=1))
-        if head is not None:
-            torch.save(head.state_dict(), extra / HEAD_FILE)
-        if compile_with is not None:
-            manifest["compiled"] = compile_in_environment(compile_with, backbone.name, Path(weights_path),
-                                                          batching.batch_size, batching.threads, extra)
-        if check_images:
-            (extra / CHECK_IMAGES_DIR).mkdir()
-            manifest["check_images"] = []
-            for i, (path, label) in enumerate(check_images):
-                file_name = f"{CHECK_IMAGES_DIR}/{i:03d}{Path(path).suffix.lower()}"
-                shutil.copyfile(path, extra / file_name)
-                manifest["check_images"].append({"file": file_name, "label": label})
-        (extra / MODEL_INFO_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        shutil.copytree(HANDLERS_DIR, extra / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        (stage / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(batching.to_yaml(), sort_keys=False))
-        _run_model_archiver(name, version, stage)
-        shutil.move(stage / f"{name}.mar", target)
-    logger.info("wrote %s (%.1f MB)", target, target.stat().st_size / 1e6)
-    return target
+
+
+def write_model_files(folder: Path, labels: list[str], head) -> None:
+    """The class names and, for a head archive, the head's state_dict."""
+    (folder / LABELS_FILE).write_text(json.dumps({str(i): label for i, label in enumerate(labels)}, indent=1))
+    if head is not None:
+        torch.save(head.state_dict(), folder / HEAD_FILE)
+
+
+def write_check_images(folder: Path, check_images: list[tuple[Path, str]]) -> list[dict]:
+    """Copy the check images into ``folder``; return their manifest entries (file, expected label)."""
+    (folder / CHECK_IMAGES_DIR).mkdir()
+    entries = []
+    for index, (path, label) in enumerate(check_images):
+        member = check_image_member(index, Path(path).suffix)
+        shutil.copyfile(path, folder / member)
+        entries.append({"file": member, "label": label})
+    return entries
 
 
 def _run_model_archiver(name: str, version: str, stage: Path) -> None:
@@ -165,10 +179,3 @@ def _run_model_archiver(name: str, version: str, stage: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"torch-model-archiver failed ({result.returncode}): {result.stderr.strip()}")
-
-
-def extract_archive(archive: str | Path, into: str | Path) -> Path:
-    """Unpack a .mar (a zip) so ``load_recognizer`` can read it in-process."""
-    with zipfile.ZipFile(archive) as zf:
-        zf.extractall(into)
-    return Path(into)

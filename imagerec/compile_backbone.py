@@ -1,7 +1,7 @@
 """Compiling a backbone ahead of time with AOTInductor, for handlers/compiled.py to run.
 
 Compiling happens once per backbone and machine, when an archive is built, in the serving
-environment's interpreter (``python -m handlers.compile_backbone``): a compiled package only loads
+environment's interpreter (``python -m imagerec.compile_backbone``): a compiled package only loads
 into the torch build that made it. Two packages per backbone: one for a single image, with every
 shape fixed, and one for batches of 2 to ``max_batch`` (a batch dimension left dynamic makes single
 images about 40% slower).
@@ -17,41 +17,23 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from handlers.constants import COMPILED_FEATURES_FILES
-from handlers.manifest import file_sha256
-from handlers.machine import cpu_flags_digest, cpu_model, user_cache_dir
+from handlers.layout import BATCHED, COMPILED_FEATURES_FILES, SINGLE
+from handlers.machine import runtime_signature
+from imagerec.files import atomic_write, file_sha256
+from imagerec.paths import PROJECT_ROOT, user_cache_dir
 
 logger = logging.getLogger(__name__)
 
 COMPILE_MODES = ("aoti", "none")
-SINGLE, BATCHED = "single", "batched"  # the two packages (file names: COMPILED_FEATURES_FILES)
 CACHE_DIR_VAR = "IMAGEREC_COMPILE_CACHE"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def torch_version() -> str:
-    """This interpreter's torch build, read from its package metadata (no torch import)."""
-    try:
-        return importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:  # a torch built from source, say
-        import torch
-
-        return torch.__version__
-
-
-def runtime_signature(threads: int) -> dict:
-    """What a compiled package depends on besides the model itself."""
-    return {"torch": torch_version(), "cpu_model": cpu_model(), "cpu_flags": cpu_flags_digest(), "threads": threads}
 
 
 def default_cache_dir() -> Path:
@@ -72,16 +54,20 @@ def _compile_package(backbone_name: str, weights: Path, example_batch: int, max_
 
     from handlers.backbones import get_backbone
 
-    body = get_backbone(backbone_name).load(weights).body.to(memory_format=torch.channels_last)
-    example = torch.zeros(example_batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    backbone = get_backbone(backbone_name)
+    body = backbone.load(weights).body.to(memory_format=torch.channels_last)
+    size = backbone.preprocessing.crop_size
+    example = torch.zeros(example_batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     dynamic = None if max_batch is None else ({0: torch.export.Dim("batch", min=2, max=max_batch)},)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, torch.inference_mode():
+    with torch.inference_mode():
         program = torch.export.export(body, (example,), dynamic_shapes=dynamic)
-        # Freezing folds batch norms into the convolutions and pre-packs the weights for oneDNN.
-        with inductor_config.patch(freezing=True):
-            staged = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(tmp) / "body.pt2"))
-        os.replace(staged, target)  # atomic: a concurrent build never sees half a package
+
+        def package(partial: Path) -> None:
+            # Freezing folds batch norms into the convolutions and pre-packs the weights for oneDNN.
+            with inductor_config.patch(freezing=True):
+                torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
+
+        atomic_write(target, package, suffix=".pt2")  # a concurrent build never sees half a package
 
 
 def compile_features(backbone_name: str, weights: Path, max_batch: int, threads: int, out_dir: Path,
@@ -117,7 +103,7 @@ def compile_in_environment(python: str | Path, backbone_name: str, weights: Path
                            out_dir: Path, cache_dir: Path | None = None, timeout_s: float = 900) -> dict:
     """Run ``compile_features`` in another interpreter (the serving environment); return its record."""
     command = [
-        str(python), "-m", "handlers.compile_backbone", "--backbone", backbone_name, "--weights", str(weights),
+        str(python), "-m", "imagerec.compile_backbone", "--backbone", backbone_name, "--weights", str(weights),
         "--max-batch", str(max_batch), "--threads", str(threads), "--out-dir", str(out_dir),
         "--cache-dir", str(cache_dir or default_cache_dir()),
     ]

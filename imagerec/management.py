@@ -1,15 +1,10 @@
 """Model lifecycle through TorchServe's management API: register, deploy, roll back, scale, retire.
 
-    python scripts/manage.py list
-    python scripts/manage.py describe bees_vs_ants
-    python scripts/manage.py register archives/bees_vs_ants_v1.mar --workers 1
-    python scripts/manage.py deploy /elsewhere/bees_vs_ants_v2.mar     # check, then switch the default
-    python scripts/manage.py rollback bees_vs_ants                      # previous version is default again
-    python scripts/manage.py scale bees_vs_ants --workers 2             # default version, wait until ready
-    python scripts/manage.py retire bees_vs_ants 1                      # unregister a non-default version
+The one implementation of these operations: ``scripts/manage.py`` (the command line),
+``training/train_head.py --register`` and the page's server call the functions below.
 
 Order of a deploy: the new version is registered next to the serving one, its workers are waited
-for, the archive's own check images (or --check-image ones) are sent to that version directly
+for, the archive's own check images (or given ones) are sent to that version directly
 (/predictions/NAME/VERSION) and compared with the archive's classes; only then does it become the
 default. Users calling /predictions/NAME never reach an unchecked version, and the old version
 stays loaded for ``rollback``.
@@ -17,65 +12,45 @@ stays loaded for ``rollback``.
 Scaling down: TorchServe stops surplus workers in the middle of their batch (their requests get
 HTTP 500), so ``scale`` never shrinks a version that takes traffic in place. It registers the same
 archive again as a new registration "VERSION-rN" with the new worker count, moves the default to it
-and retires the old registration once its queue has drained (``--in-place`` forces TorchServe's own,
+and retires the old registration once its queue has drained (``in_place`` forces TorchServe's own,
 lossy, scale-down). See docs/OPERATIONS.md.
 
-An ARCHIVE outside the model store is copied into it first: TorchServe only registers archives by
+An archive outside the model store is copied into it first: TorchServe only registers archives by
 file name from its model store (``allowed_urls`` in config.properties refuses any URL).
 
-Exit codes: 0 ok, 1 failed (e.g. timeout), 2 bad arguments or archive, 3 refused (by TorchServe or by
-a lifecycle rule such as retiring the default), 4 TorchServe not reachable, 5 deploy check failed.
+Failures raise ``ManageError`` whose ``exit_code`` is one of the EXIT_* codes below.
 """
 
 from __future__ import annotations
 
-import argparse
 import filecmp
 import json
 import logging
-import os
 import re
-import sys
 import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Scripts run as files (python scripts/x.py): make the project root importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import requests
 
-import requests  # noqa: E402
+from handlers.constants import VERSION_HEADER
+from handlers.layout import MAR_MANIFEST_FILE, ArchiveContents
+from imagerec.cli import EXIT_BAD_ARGUMENTS, EXIT_FAILED
+from imagerec.files import atomic_write
+from imagerec.naming import archive_file_name, validate_name, validate_version
+from imagerec.paths import DEFAULT_RUNTIME_DIR, PROJECT_ROOT, SHIPPED_CONFIG
+from imagerec.torchserve import KEY_FILE_NAME, auth_header, install_archive, read_keys, read_properties
 
-from handlers.constants import LABELS_FILE, VERSION_HEADER  # noqa: E402
-from handlers.manifest import (  # noqa: E402
-    MAR_MANIFEST_FILE,
-    read_archive_info,
-    read_mar_manifest,
-    read_member,
-    verify_archive,
-)
-from handlers.naming import archive_file_name, validate_name, validate_version  # noqa: E402
-from scripts.ts_runtime import (  # noqa: E402
-    KEY_FILE_NAME,
-    PROJECT_ROOT,
-    SHIPPED_CONFIG,
-    auth_header,
-    install_archive,
-    read_keys,
-    read_properties,
-)
-
-logger = logging.getLogger("manage")
+logger = logging.getLogger(__name__)
 
 _SHIPPED = read_properties(SHIPPED_CONFIG)
 DEFAULT_MANAGEMENT_URL = _SHIPPED["management_address"]
 DEFAULT_INFERENCE_URL = _SHIPPED["inference_address"]
-DEFAULT_KEY_FILE = PROJECT_ROOT / "runtime" / KEY_FILE_NAME  # scripts/serve.py runs TorchServe in runtime/
+DEFAULT_KEY_FILE = DEFAULT_RUNTIME_DIR / KEY_FILE_NAME
 DEFAULT_MODEL_STORE = (PROJECT_ROOT / _SHIPPED["model_store"]).resolve()
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_ARGUMENTS = 2
+# Exit codes of the lifecycle tools (0, 1 and 2 as every CLI: imagerec.cli).
 EXIT_REFUSED = 3
 EXIT_UNREACHABLE = 4
 EXIT_CHECK_FAILED = 5
@@ -123,10 +98,11 @@ class ArchiveFacts:
     def classes(self) -> set[str]:
         if self.info.get("classes"):
             return set(self.info["classes"])
-        return set(json.loads(read_member(self.path, LABELS_FILE)).values())
+        return set(ArchiveContents(self.path).labels())
 
     def check_images(self) -> list[tuple[str, bytes, str | None]]:
-        return [(entry["file"], read_member(self.path, entry["file"]), entry.get("label"))
+        contents = ArchiveContents(self.path)
+        return [(entry["file"], contents.read_bytes(entry["file"]), entry.get("label"))
                 for entry in self.info.get("check_images") or []]
 
 
@@ -135,10 +111,11 @@ def inspect_archive(path: str | Path) -> ArchiveFacts:
     path = Path(path)
     if not path.is_file():
         raise ManageError(f"no archive at {path}", EXIT_BAD_ARGUMENTS)
+    contents = ArchiveContents(path)
     try:
-        verify_archive(path)
-        manifest = read_mar_manifest(path)["model"]
-        info = read_archive_info(path)
+        contents.verify()
+        manifest = contents.mar_manifest()["model"]
+        info = contents.info()
         name = validate_name(str(manifest["modelName"]))
         version = validate_version(str(manifest["modelVersion"]))
         validate_version(str(info.get("version", version)))
@@ -331,8 +308,8 @@ def write_registration_copy(facts: ArchiveFacts, new_version: str, model_store: 
     to override it, so a second registration of the same model needs its own copy.
     """
     target = Path(model_store) / archive_file_name(facts.name, new_version)
-    partial = target.with_name(f".incoming-{target.name}.part")
-    try:
+
+    def write(partial: Path) -> None:
         with zipfile.ZipFile(facts.path) as source, zipfile.ZipFile(partial, "w") as copy:
             for item in source.infolist():
                 data = source.read(item.filename)
@@ -341,9 +318,8 @@ def write_registration_copy(facts: ArchiveFacts, new_version: str, model_store: 
                     manifest["model"]["modelVersion"] = new_version
                     data = json.dumps(manifest, indent=2).encode()
                 copy.writestr(item, data)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+
+    atomic_write(target, write)
     return inspect_archive(target)
 
 
@@ -358,8 +334,9 @@ def _refuse_registered(client: Client, facts: ArchiveFacts) -> None:
                           "version (versions are immutable)", EXIT_REFUSED)
 
 
-def _register(client: Client, facts: ArchiveFacts, *, workers: int | None, batch_size: int | None = None,
-              max_batch_delay: int | None = None, timeout: float) -> tuple[Path, bool]:
+def register_version(client: Client, facts: ArchiveFacts, *, workers: int | None,
+                     batch_size: int | None = None,
+                     max_batch_delay: int | None = None, timeout: float) -> tuple[Path, bool]:
     """Register and wait until ready. Returns (archive in the store, whether it was copied there)."""
     _refuse_registered(client, facts)
     path, copied = install(facts, client.model_store)
@@ -387,7 +364,7 @@ def register_archive(archive: Path, *, management_url: str, key_file: Path, mode
     if workers < 1:
         raise ManageError("workers must be at least 1", EXIT_BAD_ARGUMENTS)
     client = Client(management_url, key_file, model_store)
-    _register(client, inspect_archive(archive), workers=workers, timeout=timeout)
+    register_version(client, inspect_archive(archive), workers=workers, timeout=timeout)
 
 
 def run_check(client: Client, facts: ArchiveFacts, checks: list[tuple[str, bytes, str | None]],
@@ -448,7 +425,7 @@ def deploy(client: Client, archive: Path, *, checks: list[tuple[str, bytes, str 
     previous = client.default_version(facts.name)
     if workers is None and previous is not None:
         workers = len(client.describe(facts.name, previous).get("workers", [])) or None
-    path, copied = _register(client, facts, workers=workers, timeout=timeout)
+    path, copied = register_version(client, facts, workers=workers, timeout=timeout)
     result = {"name": facts.name, "version": facts.version, "previous": previous}
     if not skip_check:
         try:
@@ -559,8 +536,8 @@ def scale(client: Client, name: str, version: str | None, workers: int, *, in_pl
             break
     copy = write_registration_copy(facts, new_version, client.model_store)
     try:
-        _register(client, copy, workers=workers, batch_size=entry.get("batchSize"),
-                  max_batch_delay=entry.get("maxBatchDelay"), timeout=timeout)
+        register_version(client, copy, workers=workers, batch_size=entry.get("batchSize"),
+                         max_batch_delay=entry.get("maxBatchDelay"), timeout=timeout)
     except ManageError:
         copy.path.unlink(missing_ok=True)
         raise
@@ -592,119 +569,3 @@ def overview(client: Client, names: list[str] | None = None) -> list[dict]:
             } for e in sorted(entries, key=lambda e: version_key(e["modelVersion"]))],
         })
     return rows
-
-
-# -- CLI ------------------------------------------------------------------------------------
-def _check_image(value: str) -> tuple[str, bytes, str | None]:
-    path, _, label = value.partition("=")
-    try:
-        return path, Path(path).read_bytes(), label or None
-    except OSError as exc:
-        raise argparse.ArgumentTypeError(f"cannot read check image {path}: {exc.strerror}") from None
-
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--management", type=str, default=DEFAULT_MANAGEMENT_URL, help="management API URL")
-    parser.add_argument("--inference", type=str, default=DEFAULT_INFERENCE_URL,
-                        help="inference API URL (deploy checks, drain sentinels)")
-    parser.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE, help="TorchServe's key_file.json")
-    parser.add_argument("--model-store", type=Path, default=DEFAULT_MODEL_STORE, help="TorchServe's model store")
-    parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds to wait for workers to load or a version to drain")
-    parser.add_argument("--drain-seconds", type=float, default=DRAIN_GRACE_S,
-                        help="after a version's queue is empty, wait this long before unregistering it "
-                             "(covers a batch still running; its responseTimeout is the strict bound)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    commands.add_parser("list", help="models, versions, defaults and workers")
-    describe = commands.add_parser("describe", help="one model's versions and workers")
-    describe.add_argument("name", type=str, help="model name")
-
-    register = commands.add_parser("register", help="load a version and wait until its workers are ready")
-    register.add_argument("archive", type=Path, help=".mar file (copied into the model store if outside it)")
-    register.add_argument("--workers", type=_positive, default=None, help="workers (default: the archive's)")
-    register.add_argument("--batch-size", type=_positive, default=None, help="batch size (default: the archive's)")
-    register.add_argument("--max-batch-delay", type=int, default=None,
-                          help="ms to fill a batch (default: the archive's)")
-
-    deploy_cmd = commands.add_parser("deploy", help="register, check, then make the new version the default")
-    deploy_cmd.add_argument("archive", type=Path, help=".mar file (copied into the model store if outside it)")
-    deploy_cmd.add_argument("--check-image", type=_check_image, action="append", default=[], metavar="FILE[=LABEL]",
-                            help="image to send to the new version before switching (default: the archive's own)")
-    deploy_cmd.add_argument("--min-accuracy", type=float, default=DEFAULT_MIN_ACCURACY,
-                            help="share of labelled check images whose top-1 must match")
-    deploy_cmd.add_argument("--no-check", action="store_true", help="switch without a check (not recommended)")
-    deploy_cmd.add_argument("--keep", type=_positive, default=2,
-                            help="versions kept loaded after the switch (default and previous first)")
-    deploy_cmd.add_argument("--workers", type=_positive, default=None,
-                            help="workers of the new version (default: as many as the serving version)")
-
-    rollback_cmd = commands.add_parser("rollback", help="make the previous version the default again")
-    rollback_cmd.add_argument("name", type=str, help="model name")
-    rollback_cmd.add_argument("--to", type=str, default=None, help="a registered version (default: the next older)")
-
-    scale_cmd = commands.add_parser("scale", help="change a version's workers and wait until they are ready")
-    scale_cmd.add_argument("name", type=str, help="model name")
-    scale_cmd.add_argument("version", type=str, nargs="?", default=None, help="version (default: the default)")
-    scale_cmd.add_argument("--workers", type=_positive, required=True, help="number of workers")
-    scale_cmd.add_argument("--in-place", action="store_true",
-                           help="scale down with TorchServe directly (stops busy workers: loses requests)")
-
-    retire_cmd = commands.add_parser("retire", help="unregister a version that is not the default")
-    retire_cmd.add_argument("name", type=str, help="model name")
-    retire_cmd.add_argument("version", type=str, help="version to unregister")
-    return parser
-
-
-def main(args: argparse.Namespace) -> object:
-    # Names and versions end up in URLs and file names: refuse bad ones before any request.
-    if getattr(args, "name", None) is not None:
-        validate_name(args.name)
-    for attr in ("version", "to"):
-        if getattr(args, attr, None) is not None:
-            validate_version(getattr(args, attr))
-    if not 0.0 <= getattr(args, "min_accuracy", 0.0) <= 1.0:
-        raise ValueError("--min-accuracy must be between 0 and 1")
-    if args.drain_seconds < 0:
-        raise ValueError("--drain-seconds cannot be negative")
-    client = Client(args.management, args.key_file, args.model_store, args.inference, args.drain_seconds)
-    if args.command == "list":
-        return overview(client)
-    if args.command == "describe":
-        return overview(client, [args.name])[0]
-    if args.command == "register":
-        facts = inspect_archive(args.archive)
-        _register(client, facts, workers=args.workers, batch_size=args.batch_size,
-                  max_batch_delay=args.max_batch_delay, timeout=args.timeout)
-        return {"name": facts.name, "version": facts.version, "default": client.default_version(facts.name)}
-    if args.command == "deploy":
-        return deploy(client, args.archive, checks=args.check_image, skip_check=args.no_check,
-                      min_accuracy=args.min_accuracy, keep=args.keep, workers=args.workers, timeout=args.timeout)
-    if args.command == "rollback":
-        return rollback(client, args.name, args.to)
-    if args.command == "scale":
-        return scale(client, args.name, args.version, args.workers, in_place=args.in_place, timeout=args.timeout)
-    if args.command == "retire":
-        return retire(client, args.name, args.version, timeout=args.timeout)
-    raise ValueError(f"unknown command {args.command!r}")
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        outcome = main(get_args_parser().parse_args())
-    except ManageError as exc:
-        logger.error("%s", exc)
-        sys.exit(exc.exit_code)
-    except ValueError as exc:
-        logger.error("%s", exc)
-        sys.exit(EXIT_BAD_ARGUMENTS)
-    print(json.dumps(outcome))  # the one machine-readable line

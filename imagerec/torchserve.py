@@ -1,7 +1,7 @@
 """Running TorchServe and talking to it: config files, keys, start/stop, authorised requests.
 
-Used by ``scripts/serve.py`` (the shipped server), by ``scripts/manage.py``, by the tests and by the
-benchmarks, so all of them start TorchServe the same way from the shipped ``config.properties``.
+Used by ``scripts/serve.py`` (the shipped server), by ``imagerec.management``, by the tests and by
+the benchmarks, so all of them start TorchServe the same way from the shipped ``config.properties``.
 
 Each ``TorchServe`` instance gets its own working directory (key_file.json and logs land there)
 and its own TMPDIR (TorchServe keeps its pid file in the temp directory), so several servers can
@@ -14,21 +14,20 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import psutil
 import requests
 
+from imagerec.files import atomic_copy
+from imagerec.paths import PROJECT_ROOT, SHIPPED_CONFIG
+
 logger = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_CONFIG = PROJECT_ROOT / "config.properties"
 KEY_FILE_NAME = "key_file.json"
 DEFAULT_TIMEOUT_S = 30.0
 # TorchServe runs from its own environment, which scripts/setup.sh builds: its launcher hands its own
@@ -51,7 +50,7 @@ def torchserve_executable() -> Path:
 
 
 def serving_python() -> Path:
-    """The serving environment's interpreter: it compiles backbones for the workers (handlers/compile_backbone.py)."""
+    """The serving environment's interpreter: it compiles backbones for the workers (imagerec/compile_backbone.py)."""
     return torchserve_executable().with_name("python")
 
 
@@ -353,19 +352,9 @@ def latest_snapshot(snapshot_dir: str | Path, model_store: str | Path | None = N
 
 
 def install_archive(archive: str | Path, model_store: str | Path, file_name: str | None = None) -> Path:
-    """Copy an archive into a model store (TorchServe registers local archives by file name).
-
-    The copy is written under a temporary name and renamed, so TorchServe never sees half a file.
-    """
+    """Copy an archive into a model store (TorchServe registers local archives by file name),
+    atomically: TorchServe never sees half a file."""
     target = Path(model_store) / (file_name or Path(archive).name)
     if Path(archive).resolve() == target.resolve():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".incoming-", suffix=".part", delete=False) as tmp:
-        partial = Path(tmp.name)
-    try:
-        shutil.copyfile(archive, partial)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
-    return target
+    return atomic_copy(archive, target)

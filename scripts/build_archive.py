@@ -9,63 +9,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-# Scripts run as files (python scripts/x.py): make the project root importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from handlers.archive import BatchingConfig, build_archive, validate_name, validate_version  # noqa: E402
-from handlers.backbones import WeightsNotFoundError, backbone_names, get_backbone, imagenet_categories  # noqa: E402
-from handlers.compile_backbone import COMPILE_MODES  # noqa: E402
-from handlers.constants import PRECISIONS  # noqa: E402
-from scripts.ts_runtime import serving_python  # noqa: E402
+from handlers.backbones import WeightsNotFoundError, backbone_names, get_backbone, imagenet_categories
+from imagerec.archive import build_archive
+from imagerec.cli import EXIT_BAD_ARGUMENTS, EXIT_FAILED, run_cli
+from imagerec.naming import validate_name, validate_version
+from imagerec.options import add_batching_arguments, batching_from_args, compile_with_from_args
 
 logger = logging.getLogger("build_archive")
 
-EXIT_BAD_ARGUMENTS = 2
 EXIT_NO_WEIGHTS = 3
-
-
-def add_batching_arguments(parser: argparse.ArgumentParser) -> None:
-    """Serving options shared by every command that writes an archive."""
-    group = parser.add_argument_group("serving")
-    group.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                       help="backbone precision inside the worker (bf16: autocast, channels-last)")
-    group.add_argument("--compile", choices=COMPILE_MODES, default=None,
-                       help="aoti: compile the backbone with AOTInductor in the serving environment (same fp32 "
-                            "math, faster; once per backbone and machine, then cached); none: eager. "
-                            "Default: aoti for fp32, none otherwise")
-    group.add_argument("--batch-size", type=int, default=BatchingConfig.batch_size, help="TorchServe dynamic batch size")
-    group.add_argument("--max-batch-delay", type=int, default=BatchingConfig.max_batch_delay_ms,
-                       help="ms TorchServe waits to fill a batch")
-    group.add_argument("--workers", type=int, default=1, help="workers per model version")
-    group.add_argument("--torch-threads", type=int, default=0,
-                       help="torch threads per worker (0: machine cores divided by workers)")
-
-
-def compile_with_from_args(args: argparse.Namespace) -> Path | None:
-    """The serving environment's Python when the archive's backbone is to be compiled, else None."""
-    mode = args.compile or ("aoti" if args.precision == "fp32" else "none")
-    if mode == "none":
-        return None
-    if args.precision != "fp32":
-        raise ValueError(f"--compile aoti supports --precision fp32 only, not {args.precision}")
-    return serving_python()
-
-
-def batching_from_args(args: argparse.Namespace) -> BatchingConfig:
-    for flag in ("batch_size", "workers"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.max_batch_delay < 0 or args.torch_threads < 0:
-        raise ValueError("--max-batch-delay and --torch-threads cannot be negative")
-    return BatchingConfig(
-        batch_size=args.batch_size,
-        max_batch_delay_ms=args.max_batch_delay,
-        workers=args.workers,
-        torch_threads=args.torch_threads,
-    )
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -101,17 +55,12 @@ def main(args: argparse.Namespace) -> Path:
     )
 
 
+ERRORS = {
+    WeightsNotFoundError: EXIT_NO_WEIGHTS,  # before RuntimeError: it is one
+    ValueError: EXIT_BAD_ARGUMENTS,
+    FileExistsError: EXIT_BAD_ARGUMENTS,
+    RuntimeError: EXIT_FAILED,  # compiling or torch-model-archiver failed
+}
+
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        path = main(get_args_parser().parse_args())
-    except WeightsNotFoundError as exc:
-        logger.error("%s", exc)
-        sys.exit(EXIT_NO_WEIGHTS)
-    except (ValueError, FileExistsError) as exc:
-        logger.error("%s", exc)
-        sys.exit(EXIT_BAD_ARGUMENTS)
-    except RuntimeError as exc:  # compiling or torch-model-archiver failed
-        logger.error("%s", exc)
-        sys.exit(1)
-    print(path)  # the one line a calling script reads
+    run_cli(main, get_args_parser(), ERRORS, logger=logger, output=str)  # stdout: the archive's path

@@ -18,15 +18,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts run as files
-
-from handlers.naming import archive_file_name  # noqa: E402
-from scripts.ts_runtime import PROJECT_ROOT, TorchServe, shipped_ports  # noqa: E402
+from imagerec.cli import EXIT_BAD_ARGUMENTS, EXIT_FAILED, run_cli
+from imagerec.naming import archive_file_name
+from imagerec.paths import DEFAULT_MODEL_STORE, DEFAULT_RUNTIME_DIR
+from imagerec.torchserve import TorchServe, shipped_ports
 
 # Keep this process light (it stays alive beside TorchServe): torch is imported only by the
 # build_archive.py subprocess.
 BUILD_SCRIPT = Path(__file__).resolve().with_name("build_archive.py")
-EXIT_BAD_ARGUMENTS = 2
 
 logger = logging.getLogger("serve")
 
@@ -37,8 +36,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="registered backbone to serve (resnet18, efficientnet_lite0, ...)")
     parser.add_argument("--version", type=str, default="1.0", help="archive version to serve (built if absent)")
     parser.add_argument("--weights", type=Path, default=None, help="state_dict file for building the archive")
-    parser.add_argument("--model-store", type=Path, default=PROJECT_ROOT / "archives", help="TorchServe model store")
-    parser.add_argument("--workdir", type=Path, default=PROJECT_ROOT / "runtime",
+    parser.add_argument("--model-store", type=Path, default=DEFAULT_MODEL_STORE, help="TorchServe model store")
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_RUNTIME_DIR,
                         help="TorchServe's working directory (key_file.json, logs)")
     parser.add_argument("--restore", action=argparse.BooleanOptionalAction, default=True,
                         help="bring back the models and default versions registered before the last stop "
@@ -81,12 +80,5 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        sys.exit(main(get_args_parser().parse_args()))
-    except ValueError as exc:
-        logger.error("%s", exc)
-        sys.exit(EXIT_BAD_ARGUMENTS)
-    except (RuntimeError, TimeoutError) as exc:
-        logger.error("%s", exc)
-        sys.exit(1)
+    run_cli(main, get_args_parser(), {ValueError: EXIT_BAD_ARGUMENTS, RuntimeError: EXIT_FAILED, TimeoutError: EXIT_FAILED},
+            logger=logger)

@@ -51,8 +51,14 @@ install_venv() {
   echo "$want" > "$stamp"
 }
 
-# Training, tests and benchmarks.
+# Training, tests and benchmarks, with this project installed in it (editable: entry points import
+# handlers/, imagerec/, training/ and benchmarks/ from the checkout).
 install_venv .venv requirements.txt
+installed_root=$(cd / && "$OLDPWD/.venv/bin/python" -c "import imagerec.paths as p; print(p.PROJECT_ROOT)" 2>/dev/null || true)
+if [ "$installed_root" != "$(pwd -P)" ]; then
+  log "installing the project into .venv (editable)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+fi
 # The TorchServe runtime (see requirements-serve.txt for why it is a second environment). The CPU
 # build of torch is not on PyPI: this machine has it on local disk; elsewhere it comes from
 # PyTorch's CPU index, tried only when the plain install fails.

@@ -13,15 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from handlers.archive import build_archive
 from handlers.backbones import get_backbone, imagenet_categories
-from handlers.compile_backbone import CACHE_DIR_VAR
-from scripts.ts_runtime import TorchServe, install_archive, serving_python
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED = PROJECT_ROOT.parent / "shared"
-SAMPLES = SHARED / "samples"
-DATASETS = SHARED / "datasets"
+from imagerec.archive import build_archive
+from imagerec.compile_backbone import CACHE_DIR_VAR
+from imagerec.paths import DATASETS_DIR as DATASETS
+from imagerec.paths import SAMPLES_DIR as SAMPLES
+from imagerec.torchserve import TorchServe, install_archive, serving_python
 
 logging.getLogger("PIL").setLevel(logging.INFO)
 

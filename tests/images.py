@@ -5,12 +5,10 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from pathlib import Path
-
 import numpy as np
 from PIL import Image
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
+from imagerec.paths import SAMPLES_DIR as SAMPLES
 
 
 def sample(name: str = "coffee.png") -> Image.Image:

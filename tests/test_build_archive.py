@@ -1,21 +1,15 @@
 """Backbone registry, weights resolution and the build_archive.py command line."""
 
-import subprocess
-import sys
 import zipfile
 
 import pytest
 import yaml
 
-from handlers.manifest import file_sha256, read_archive_info
 from handlers.backbones import WeightsNotFoundError, backbone_names, get_backbone
-from scripts.ts_runtime import PROJECT_ROOT
+from handlers.layout import read_archive_info
+from imagerec.files import file_sha256
 
-BUILD = [sys.executable, str(PROJECT_ROOT / "scripts" / "build_archive.py")]
-
-
-def run_build(*args, env=None):
-    return subprocess.run(BUILD + list(args), capture_output=True, text=True, timeout=300, env=env)
+from tests.support import run_build
 
 
 def test_registry_knows_both_backbones_and_refuses_unknown_names():

@@ -6,14 +6,16 @@ import logging
 import subprocess
 import textwrap
 
-from handlers.archive import extract_archive
+from handlers.layout import extract_archive
 from handlers.backbones import get_backbone
-from handlers.compile_backbone import compile_in_environment, runtime_signature
+from handlers.machine import runtime_signature
+from imagerec.compile_backbone import compile_in_environment
 from handlers.compiled import load_compiled_features
-from handlers.manifest import read_archive_info
+from handlers.layout import read_archive_info
 from handlers.recognizer import load_recognizer
-from scripts.ts_runtime import PROJECT_ROOT, serving_python
-from tests.test_build_archive import run_build
+from imagerec.paths import PROJECT_ROOT
+from imagerec.torchserve import serving_python
+from tests.support import run_build
 
 
 def run_in_serving_environment(code: str) -> str:
@@ -90,7 +92,7 @@ def test_the_served_worker_runs_the_compiled_backbone(imagenet_server):
 
 
 def test_a_second_compilation_comes_from_the_cache(efficientnet_archive, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="handlers.compile_backbone")
+    caplog.set_level(logging.INFO, logger="imagerec.compile_backbone")
     compiled = read_archive_info(efficientnet_archive)["compiled"]
     backbone = get_backbone("efficientnet_lite0")
     record = compile_in_environment(serving_python(), backbone.name, backbone.resolve_weights(),

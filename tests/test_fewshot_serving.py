@@ -13,13 +13,14 @@ import sys
 
 import torch
 
-from handlers.archive import extract_archive
-from handlers.manifest import read_archive_info
+from handlers.layout import extract_archive
+from handlers.layout import read_archive_info
 from handlers.constants import TOP_K, VERSION_HEADER
 from handlers.imaging import ImagePreprocessor
 from handlers.recognizer import load_recognizer
-from tests.conftest import PROJECT_ROOT
-from tests.test_training import make_subset
+from imagerec.paths import PROJECT_ROOT
+
+from tests.support import make_subset
 
 NAME = "hymenoptera_mini"
 

@@ -8,7 +8,7 @@ import ts
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-from handlers.archive import extract_archive
+from handlers.layout import extract_archive
 from handlers.recognition_handler import RecognitionHandler
 from tests import images
 

@@ -72,17 +72,3 @@ def test_eval_preprocessing_matches_torchvision(datasets_dir, samples_dir):
         for photo in photos:
             image = decode_image(photo.read_bytes(), min_side=p.resize_size)
             assert torch.allclose(ours(image), reference(image), atol=1e-5), (name, photo)
-
-
-def test_the_served_path_runs_in_the_serving_environment_without_torchvision():
-    """Workers run in .venv-serve (CPU torch, no torchvision installed); importing torchvision would
-    also cost each worker about 150 MB."""
-    import subprocess
-
-    from scripts.ts_runtime import PROJECT_ROOT, serving_python
-
-    code = ("import sys, handlers.recognition_handler, handlers.recognizer, handlers.backbones; "
-            "print('torchvision' in sys.modules)")
-    result = subprocess.run([str(serving_python()), "-c", code], capture_output=True, text=True, timeout=120,
-                            cwd=PROJECT_ROOT)
-    assert result.stdout.strip() == "False", result.stderr

@@ -15,8 +15,9 @@ import time
 
 import pytest
 
-from scripts import manage
-from tests.lifecycle_heads import NAME, LoadClients, head_archives, summarise, val_photos
+from imagerec import management as manage
+from benchmarks.lifecycle_heads import NAME, head_archives, val_photos
+from benchmarks.load import LoadClients, summarise
 
 CLIENTS = 8
 
@@ -57,7 +58,7 @@ def test_swaps_and_scaling_under_load_lose_no_request(server, client, heads, pho
         steps.append((label, start, time.monotonic()))
         return outcome
 
-    with LoadClients(server, NAME, photos, clients=CLIENTS) as load:
+    with LoadClients.for_model(server, NAME, photos, clients=CLIENTS) as load:
         time.sleep(3)  # users first, then the operator
         step("deploy v2", lambda: manage.deploy(client, heads["2"]))
         assert client.default_version(NAME) == "2"
@@ -93,7 +94,7 @@ def test_killed_worker_is_replaced_and_serving_recovers(server, client, photos):
     version = client.default_version(NAME)
     assert version is not None, "runs after the lifecycle test registered the model"
     [victim] = server.worker_pids(NAME, version)
-    with LoadClients(server, NAME, photos, clients=CLIENTS) as load:
+    with LoadClients.for_model(server, NAME, photos, clients=CLIENTS) as load:
         time.sleep(2)
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)

@@ -9,15 +9,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from scripts import manage
-from scripts.ts_runtime import TorchServe, free_port
-from tests.lifecycle_heads import CLASSES, NAME, head_archives
+from benchmarks.lifecycle_heads import CLASSES, NAME, head_archives
+from imagerec import management as manage
+from imagerec.paths import PROJECT_ROOT
+from imagerec.torchserve import TorchServe, free_port
 
-MANAGE = Path(manage.__file__)
+MANAGE = PROJECT_ROOT / "scripts" / "manage.py"
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,13 @@ import sys
 import pytest
 import torch
 
-from handlers.archive import build_archive, extract_archive
-from handlers.manifest import read_archive_info
+from handlers.layout import extract_archive
+from imagerec.archive import build_archive
+from handlers.layout import read_archive_info
 from handlers.backbones import FeatureClassifier, get_backbone, imagenet_categories
 from handlers.imaging import ImagePreprocessor, decode_image, eval_transform
 from handlers.recognizer import Recognizer, load_recognizer
-from scripts.ts_runtime import PROJECT_ROOT
+from imagerec.paths import PROJECT_ROOT
 
 PHOTOS_PER_SET = 4
 

@@ -20,11 +20,12 @@ import psutil
 import pytest
 import requests
 
-from handlers.manifest import MAR_MANIFEST_FILE
-from scripts import manage
-from scripts.ts_runtime import SHIPPED_CONFIG, auth_header, read_properties
+from handlers.layout import MAR_MANIFEST_FILE
+from imagerec import management as manage
+from imagerec.paths import PROJECT_ROOT, SHIPPED_CONFIG
+from imagerec.torchserve import auth_header, read_properties
 
-MANAGE = Path(manage.__file__)
+MANAGE = PROJECT_ROOT / "scripts" / "manage.py"
 
 
 @pytest.fixture(scope="module")

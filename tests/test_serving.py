@@ -8,11 +8,12 @@ import pytest
 import requests
 import torch
 
-from handlers.archive import BatchingConfig, build_archive, extract_archive
+from handlers.layout import extract_archive
+from imagerec.archive import BatchingConfig, build_archive
 from handlers.backbones import get_backbone, imagenet_categories
 from handlers.imaging import ImagePreprocessor
 from handlers.recognizer import load_recognizer
-from scripts.ts_runtime import auth_header
+from imagerec.torchserve import auth_header
 from tests import images
 
 CAT_LABELS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"}

@@ -14,27 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from handlers.manifest import read_archive_info
+from handlers.layout import read_archive_info
 from handlers.heads import HEADS, build_head
 from training import train_head
 from training.data import DataError, load_dataset, normalised_class_name
 from training.evaluation import draw_confusion, evaluate, mean_ci95
 
+from tests.support import make_subset
 
 
-def make_subset(datasets_dir, root, classes=("ants", "bees"), train=8, val=4, layout="folders", dataset="hymenoptera"):
-    """A small ImageFolder of symlinks to shared photos (never copies): ``layout`` "train/val" gives
-    ``root/train/<class>`` and ``root/val/<class>``, "folders" gives ``root/<class>`` with train+val photos."""
-    for cls in classes:
-        source = sorted((datasets_dir / dataset / "train" / cls).iterdir())
-        held = sorted((datasets_dir / dataset / "val" / cls).iterdir())[:val]
-        splits = {"train": source[:train], "val": held} if layout == "train/val" else {"": source[:train] + held}
-        for split, photos in splits.items():
-            folder = root / split / cls if split else root / cls
-            folder.mkdir(parents=True, exist_ok=True)
-            for photo in photos:
-                (folder / photo.name).symlink_to(photo)
-    return root
+
 
 
 # ---------------------------------------------------------------- heads on synthetic features

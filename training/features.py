@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +22,9 @@ import torch
 from tqdm import tqdm
 
 from handlers.backbones import Preprocessing, get_backbone
-from handlers.manifest import file_sha256
-from handlers.machine import user_cache_dir
 from handlers.imaging import decode_image, eval_transform
+from imagerec.files import atomic_write, file_sha256
+from imagerec.paths import user_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -151,10 +150,8 @@ class FeatureExtractor:
     def _store(self, path: Path, tensor: torch.Tensor) -> None:
         if not self.use_cache:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(tensor.clone(), tmp)
-        os.replace(tmp, path)  # atomic: concurrent runs never read half a file
+        # Atomic: concurrent runs never read half a file.
+        atomic_write(path, lambda partial: torch.save(tensor.clone(), partial))
 
     def extract(self, paths: list[Path], hashes: list[str] | None = None, views: int = 0, seed: int = 0,
                 description: str = "features") -> torch.Tensor:

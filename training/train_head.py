@@ -23,31 +23,25 @@ import sys
 import time
 from pathlib import Path
 
-# Scripts run as files (python training/train_head.py): make the project root importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from handlers.archive import build_archive  # noqa: E402
-from handlers.backbones import WeightsNotFoundError, backbone_names, get_backbone  # noqa: E402
-from handlers.heads import HEADS, FeatureHead, build_head  # noqa: E402
-from handlers.naming import archive_file_name, validate_name, validate_version  # noqa: E402
-from scripts.build_archive import add_batching_arguments, batching_from_args, compile_with_from_args  # noqa: E402
-from training.data import DataError, Dataset, load_dataset  # noqa: E402
-from training.evaluation import draw_confusion, evaluate, format_table, write_report  # noqa: E402
-from training.features import Augmentation, FeatureExtractor, default_cache_dir  # noqa: E402
+from handlers.backbones import WeightsNotFoundError, backbone_names, get_backbone
+from handlers.heads import HEADS, FeatureHead, build_head
+from imagerec.archive import build_archive
+from imagerec.cli import EXIT_BAD_ARGUMENTS, EXIT_FAILED, LOG_FORMAT, run_command
+from imagerec.management import DEFAULT_KEY_FILE, DEFAULT_MODEL_STORE, register_archive
+from imagerec.naming import archive_file_name, validate_name, validate_version
+from imagerec.options import add_batching_arguments, batching_from_args, compile_with_from_args
+from training.data import DataError, Dataset, load_dataset
+from training.evaluation import draw_confusion, evaluate, format_table, write_report
+from training.features import Augmentation, FeatureExtractor, default_cache_dir
 
 logger = logging.getLogger("train_head")
 
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = EXIT_BAD_ARGUMENTS
 EXIT_NO_WEIGHTS = 3
 DEFAULT_HEAD = "linear"
 DEFAULT_VIEWS = 2
-
-try:  # the ops tooling owns where keys and the model store live
-    from scripts.manage import DEFAULT_KEY_FILE, DEFAULT_MODEL_STORE
-except ImportError:  # scripts/manage.py absent: --register then fails loudly when used
-    DEFAULT_KEY_FILE = DEFAULT_MODEL_STORE = None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -128,8 +122,6 @@ def check_args(args: argparse.Namespace) -> str:
     target = args.out / archive_file_name(name, args.version)
     if target.exists() and not args.force:
         raise FileExistsError(f"{target} exists; choose another --version or pass --force")
-    if args.register and (args.key_file is None or args.model_store is None):
-        raise ValueError("--register needs --key-file and --model-store")
     return name
 
 
@@ -272,38 +264,27 @@ def main(args: argparse.Namespace) -> Path:
                 extractor.stats.cached, extractor.stats.extracted)
 
     if args.register:
-        from scripts.manage import register_archive  # the ops tooling owns registration
-
         register_archive(archive, management_url=args.register, key_file=args.key_file,
                          model_store=args.model_store, workers=args.workers, timeout=args.register_timeout)
         logger.info("registered %s v%s at %s", name, args.version, args.register)
     return archive
 
 
+# Registration failures (imagerec.management.ManageError) carry their own exit code.
+ERRORS = {
+    WeightsNotFoundError: EXIT_NO_WEIGHTS,  # before RuntimeError: it is one
+    DataError: EXIT_BAD_INPUT,
+    ValueError: EXIT_BAD_INPUT,
+    FileExistsError: EXIT_BAD_INPUT,
+    RuntimeError: EXIT_FAILED,  # compiling or torch-model-archiver failed: the message says why
+}
+
+
 def run(argv: list[str] | None = None) -> int:
     """Parse, run and map failures to exit codes (used by ``__main__`` and by the tests)."""
-    args = get_args_parser().parse_args(argv)
-    try:
-        path = main(args)
-    except WeightsNotFoundError as exc:
-        logger.error("%s", exc)
-        return EXIT_NO_WEIGHTS
-    except (DataError, ValueError, FileExistsError) as exc:
-        logger.error("%s", exc)
-        return EXIT_BAD_INPUT
-    except Exception as exc:
-        exit_code = getattr(exc, "exit_code", None)  # scripts.manage.ManageError
-        if exit_code is not None:
-            logger.error("registration failed: %s", exc)
-            return exit_code
-        if isinstance(exc, RuntimeError):  # compiling or torch-model-archiver failed: the message says why
-            logger.error("%s", exc)
-            return 1
-        raise
-    print(path)  # the one line a calling script reads
-    return 0
+    return run_command(main, get_args_parser().parse_args(argv), ERRORS, logger=logger, output=str)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     sys.exit(run())

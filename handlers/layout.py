@@ -1,0 +1,100 @@
+"""The layout of a model archive: the one module that knows which file holds what.
+
+An archive (``.mar``, a zip) holds, flat at its root, the backbone weights, an optional head, the
+class names, our manifest (``model_info.json``), TorchServe's ``model-config.yaml`` and
+``MAR-INF/MANIFEST.json``, optional compiled backbone packages and check images, and the
+``handlers`` package. ``imagerec.archive`` writes it; ``ArchiveContents`` reads it back, from the
+``.mar`` itself (management tools, without unpacking) or from the folder TorchServe unpacked it into
+(the worker). Standard library only: the worker and the management tools both import it.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+WEIGHTS_FILE = "weights.pt"  # plain state_dict of the backbone (the archive's serializedFile)
+HEAD_FILE = "head.pt"  # plain state_dict of a few-shot head
+LABELS_FILE = "index_to_name.json"  # {"0": "tench", ...}, TorchServe's own convention
+MODEL_INFO_FILE = "model_info.json"  # our manifest: backbone, precision, head, training record
+MODEL_CONFIG_FILE = "model-config.yaml"  # TorchServe's per-model config (batching, workers)
+MAR_MANIFEST_FILE = "MAR-INF/MANIFEST.json"  # written by torch-model-archiver; TorchServe reads it
+# Optional: the backbone compiled with AOTInductor (handlers/compiled.py), for one image and for batches.
+SINGLE, BATCHED = "single", "batched"
+COMPILED_FEATURES_FILES = {SINGLE: "features_b1.pt2", BATCHED: "features_batched.pt2"}
+CHECK_IMAGES_DIR = "check_images"  # a few labelled images a deployment sends before switching
+HANDLER_PACKAGE = "handlers"  # this package, shipped inside every archive
+
+
+def check_image_member(index: int, suffix: str) -> str:
+    """Archive path of the ``index``-th check image (``check_images/000.jpg``)."""
+    return f"{CHECK_IMAGES_DIR}/{index:03d}{suffix.lower()}"
+
+
+class ArchiveContents:
+    """Read an archive's files from the ``.mar`` (a zip) or from an unpacked folder.
+
+    Errors are ``ValueError`` naming the archive and the member: a missing member, a corrupt zip or
+    JSON that does not parse all mean "not a model archive of this project".
+    """
+
+    def __init__(self, location: str | Path):
+        self.location = Path(location)
+
+    def read_bytes(self, member: str) -> bytes:
+        try:
+            if self.location.is_dir():
+                return (self.location / member).read_bytes()
+            with zipfile.ZipFile(self.location) as zf:
+                return zf.read(member)
+        except (OSError, zipfile.BadZipFile, KeyError, EOFError) as exc:
+            raise ValueError(f"{self.location}: cannot read {member}: {exc}") from None
+
+    def read_json(self, member: str):
+        try:
+            return json.loads(self.read_bytes(member))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{self.location} is not a model archive of this project: {member}: {exc}") from None
+
+    def info(self) -> dict:
+        """model_info.json: backbone, precision, head, classes, training record, metrics."""
+        return self.read_json(MODEL_INFO_FILE)
+
+    def mar_manifest(self) -> dict:
+        """TorchServe's MAR-INF/MANIFEST.json: the name and version TorchServe registers it under."""
+        return self.read_json(MAR_MANIFEST_FILE)
+
+    def labels(self) -> list[str]:
+        """Class names in index order."""
+        mapping = self.read_json(LABELS_FILE)
+        return [mapping[str(i)] for i in range(len(mapping))]
+
+    def verify(self) -> None:
+        """Raise ValueError unless the zip is readable and every member's CRC is intact."""
+        try:
+            with zipfile.ZipFile(self.location) as zf:
+                bad = zf.testzip()
+        except (zipfile.BadZipFile, EOFError, OSError) as exc:
+            raise ValueError(f"{self.location} is not a readable archive (truncated or corrupt?): {exc}") from None
+        if bad is not None:
+            raise ValueError(f"{self.location} is corrupt: member {bad} fails its checksum")
+
+    def extract_to(self, folder: str | Path) -> Path:
+        """Unpack the ``.mar`` into ``folder`` (as TorchServe does) and return the folder."""
+        try:
+            with zipfile.ZipFile(self.location) as zf:
+                zf.extractall(folder)
+        except (zipfile.BadZipFile, EOFError, OSError) as exc:
+            raise ValueError(f"{self.location} is not a readable archive: {exc}") from None
+        return Path(folder)
+
+
+def read_archive_info(archive: str | Path) -> dict:
+    """model_info.json of a ``.mar`` or an unpacked archive. Raises ValueError if it is not one."""
+    return ArchiveContents(archive).info()
+
+
+def extract_archive(archive: str | Path, into: str | Path) -> Path:
+    """Unpack a ``.mar`` so ``handlers.recognizer.load_recognizer`` can read it in-process."""
+    return ArchiveContents(archive).extract_to(into)
