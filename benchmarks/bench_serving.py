@@ -155,12 +155,13 @@ def offline_phase(options: dict) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
-    from handlers.archive import BatchingConfig
-    from scripts.build_archive import compile_with_from_args
-    from scripts.build_archive import get_args_parser as build_parser
+    from imagerec.archive import BatchingConfig
+    from imagerec.options import add_batching_arguments, compile_with_from_args
 
     workdir = Path(options["workdir"])
-    defaults = build_parser().parse_args([])
+    build_parser = argparse.ArgumentParser()
+    add_batching_arguments(build_parser)
+    defaults = build_parser.parse_args([])  # the archive options' defaults, as build_archive.py has them
     precision = options["precision"] or defaults.precision
     defaults.precision, defaults.compile = precision, options["compile"]
     compiled = compile_with_from_args(defaults) is not None
@@ -358,7 +359,7 @@ def build_bench_archives(workdir: Path, weights: Path, heads: dict, default_vari
     """{model name: {"archive", "backbone", "variant", "batching", "head"}}: what the servers load."""
     import dataclasses
 
-    from handlers.archive import build_archive
+    from imagerec.archive import build_archive
     from handlers.backbones import get_backbone, imagenet_categories
 
     out = workdir / "archives"

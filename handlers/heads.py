@@ -46,14 +46,22 @@ class FeatureHead(nn.Module, abc.ABC):
         """(N, D) normalised features -> (N, C) logits."""
 
     @abc.abstractmethod
-    def fit(self, features: torch.Tensor, labels: torch.Tensor, **options) -> dict:
-        """Train on (N, D) features and (N,) int64 labels in [0, C). Returns a summary dict."""
+    def fit(self, features: torch.Tensor, labels: torch.Tensor, *, groups: torch.Tensor | None = None,
+            seed: int = 0) -> dict:
+        """Train on (N, D) features and (N,) int64 labels in [0, C). Returns a summary dict.
+
+        Every head accepts ``groups`` ((N,) image id of each row: augmented views of one image share
+        it) and ``seed``, so callers can pass them to any head; heads add their own keyword options,
+        and a misspelled option is a TypeError, never silently ignored."""
 
 
 HEADS: dict[str, type[FeatureHead]] = {}
 
 
 def register_head(cls: type[FeatureHead]) -> type[FeatureHead]:
+    """Class decorator: make a head available by its ``kind``."""
+    if cls.kind in HEADS:
+        raise ValueError(f"head {cls.kind!r} is registered twice")
     HEADS[cls.kind] = cls
     return cls
 
@@ -85,7 +93,9 @@ class PrototypeHead(FeatureHead):
         return self.scale * normalised @ self.prototypes.T
 
     @torch.no_grad()
-    def fit(self, features: torch.Tensor, labels: torch.Tensor, **options) -> dict:
+    def fit(self, features: torch.Tensor, labels: torch.Tensor, *, groups: torch.Tensor | None = None,
+            seed: int = 0) -> dict:
+        """Class means need neither image groups nor a seed: both are accepted and unused."""
         features = features.float()
         self.center.copy_(features.mean(dim=0))
         normalised = self.normalise(features)
@@ -167,7 +177,7 @@ class LinearHead(FeatureHead):
 
     def fit(self, features: torch.Tensor, labels: torch.Tensor, *, groups: torch.Tensor | None = None,
             weight_decay: float | None = None, holdout_fraction: float = 0.25, max_iter: int = 200,
-            seed: int = 0, **options) -> dict:
+            seed: int = 0) -> dict:
         """``groups``: image id of each row (augmented views of one image share it); ``weight_decay``:
         a fixed strength instead of choosing one on held-out images."""
         features = features.float()

@@ -21,6 +21,14 @@ from imagerec.paths import SAMPLES_DIR as SAMPLES
 from imagerec.torchserve import TorchServe, install_archive, serving_python
 
 logging.getLogger("PIL").setLevel(logging.INFO)
+UNIT_DIR = Path(__file__).resolve().parent / "unit"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/unit is the fast tier (``pytest -m unit``): no Java, no TorchServe, no ../shared."""
+    for item in items:
+        if UNIT_DIR in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,14 +11,10 @@ import logging
 import zipfile
 
 import pytest
-import torch
-from PIL import Image
 
 from handlers.layout import read_archive_info
-from handlers.heads import HEADS, build_head
 from training import train_head
-from training.data import DataError, load_dataset, normalised_class_name
-from training.evaluation import draw_confusion, evaluate, mean_ci95
+from training.data import DataError, load_dataset
 
 from tests.support import make_subset
 
@@ -26,75 +22,7 @@ from tests.support import make_subset
 
 
 
-# ---------------------------------------------------------------- heads on synthetic features
-
-def _blobs(num_classes=3, per_class=12, dim=32, seed=0):
-    """Separable clusters around random centres plus a large shared offset (like ImageNet features)."""
-    generator = torch.Generator().manual_seed(seed)
-    centres = torch.randn(num_classes, dim, generator=generator) * 2
-    labels = torch.arange(num_classes).repeat_interleave(per_class)
-    features = centres[labels] + torch.randn(len(labels), dim, generator=generator) + 10.0
-    return features, labels
-
-
-@pytest.mark.parametrize("kind", sorted(HEADS))
-def test_head_fits_predicts_and_round_trips(kind):
-    features, labels = _blobs()
-    head = build_head(kind, features.shape[1], 3)
-    summary = head.fit(features, labels)
-    assert isinstance(summary, dict)
-    logits = head(features)
-    assert logits.shape == (len(labels), 3)
-    assert (logits.argmax(1) == labels).float().mean() >= 0.95
-    test_features, test_labels = _blobs(seed=0)  # same centres: a fresh draw of the same classes
-    copy = build_head(kind, features.shape[1], 3)
-    copy.load_state_dict(head.state_dict())
-    assert torch.allclose(copy(test_features), head(test_features))
-    probabilities = head(test_features).softmax(1)
-    assert torch.allclose(probabilities.sum(1), torch.ones(len(test_labels)))
-
-
-def test_linear_head_keeps_augmented_views_of_one_image_together():
-    """Held-out rows are whole images: views of a held-out image never leak into its training."""
-    from handlers.heads import _holdout_mask
-
-    labels = torch.arange(4).repeat_interleave(10)
-    groups = torch.arange(40).repeat_interleave(3)
-    held = _holdout_mask(labels.repeat_interleave(3), groups, 0.25, seed=1)
-    for group in groups.unique():
-        assert held[groups == group].all() or not held[groups == group].any()
-    assert 0 < held.float().mean() < 0.5
-
-
-def test_linear_head_with_one_image_per_class_still_fits():
-    features, labels = _blobs(per_class=1)
-    head = build_head("linear", features.shape[1], 3)
-    summary = head.fit(features, labels)
-    assert summary["weight_decay"] > 0
-    assert (head(features).argmax(1) == labels).all()
-
-
-def test_evaluation_metrics_and_confusion_png(tmp_path):
-    probabilities = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
-    labels = torch.tensor([0, 1, 1, 1])
-    metrics = evaluate(probabilities, labels, ["ants", "bees"])
-    assert metrics["accuracy"] == pytest.approx(0.75)
-    assert metrics["confusion"] == [[1, 0], [1, 2]]
-    assert metrics["per_class"]["ants"]["precision"] == pytest.approx(0.5)
-    assert metrics["per_class"]["bees"]["recall"] == pytest.approx(2 / 3)
-    png = draw_confusion(metrics["confusion"], ["ants", "bees"], tmp_path / "c.png")
-    with Image.open(png) as image:
-        assert image.format == "PNG" and image.width > 100
-    mean, half = mean_ci95([0.8, 0.9, 1.0])
-    assert mean == pytest.approx(0.9) and 0.2 < half < 0.3
-
-
 # ---------------------------------------------------------------- data checks
-
-def test_class_name_normalisation():
-    assert normalised_class_name("T-Shirt") == normalised_class_name("t_shirt") == normalised_class_name(" t shirt")
-    assert normalised_class_name("shirt") != normalised_class_name("t-shirt")
-
 
 def _assert_refused_before_any_work(data, tmp_path, caplog, *phrases):
     """train_head in-process on ``data`` exits EXIT_BAD_INPUT, logs every phrase, computes nothing."""
@@ -180,7 +108,8 @@ def test_train_head_writes_archive_report_and_reuses_cache(datasets_dir, tmp_pat
     assert info["data"]["train_images"] == {"ants": 8, "bees": 8}
     assert {u["file"].rsplit("/", 1)[-1] for u in info["data"]["unreadable"]} == {"broken.jpg", "README.txt"}
     assert info["training"]["views"] == 2 and info["training"]["head"] == "linear"
-    assert 0.0 <= info["validation"]["accuracy"] <= 1.0 and info["validation"]["images"] == 8
+    # ants and bees are ImageNet classes: a head on ImageNet features separates them (docs/BENCHMARKS.md).
+    assert info["validation"]["accuracy"] >= 0.75 and info["validation"]["images"] == 8
     assert [c["label"] for c in info["check_images"]] == ["ants", "ants", "bees", "bees"]
     with zipfile.ZipFile(archive) as zf:
         names = set(zf.namelist())
@@ -189,7 +118,9 @@ def test_train_head_writes_archive_report_and_reuses_cache(datasets_dir, tmp_pat
 
     report = json.loads((out / "bees_ants_v1.report.json").read_text())
     assert report["features"]["extracted"] == 16 + 16 + 8  # plain train, augmented train, val
-    assert report["metrics"]["confusion"] and sum(map(sum, report["metrics"]["confusion"])) == 8
+    confusion = report["metrics"]["confusion"]
+    assert sum(map(sum, confusion)) == 8
+    assert report["metrics"]["accuracy"] == pytest.approx(sum(confusion[i][i] for i in range(2)) / 8)
     assert (out / "bees_ants_v1.confusion.png").stat().st_size > 0
 
     # Other head settings on the same data: every feature comes from the cache.
