@@ -1,7 +1,8 @@
 """TorchServe handler (TorchServe wants exactly one class in this module): image bytes in, Top-3 ``[{"label", "index", "probability"}]`` out.
 
 Serves both kinds of archive (ImageNet backbone, few-shot head); ``model_info.json`` says which.
-``handle()`` is TorchServe's BaseHandler orchestration; this class overrides only the three steps.
+``handle()`` is TorchServe's BaseHandler orchestration; this class overrides only the three steps,
+each ``@timed`` as BaseHandler's are (``handler: profile: true`` in model-config.yaml reports them).
 Each request of a batch succeeds or fails on its own: a bad image gets its own 4xx JSON error while
 the other images of the same batch are answered.
 """
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
 import torch
+from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers.constants import TOP_K, VERSION_HEADER
@@ -98,6 +100,7 @@ class RecognitionHandler(BaseHandler):
         else:
             _MALLOC_TRIM(0)
 
+    @timed
     def preprocess(self, data):
         batch = Batch(size=len(data))
         results = self._map_rows(self._prepare, data)
@@ -126,12 +129,14 @@ class RecognitionHandler(BaseHandler):
             return [function(rows[0])]  # no thread hand-off for a lone request
         return list(self.decode_pool.map(function, rows))
 
+    @timed
     def inference(self, batch, *args, **kwargs):
         if batch.images is not None:
             with torch.inference_mode():
                 batch.probabilities = self.model(batch.images).softmax(dim=1)
         return batch
 
+    @timed
     def postprocess(self, batch):
         responses = [None] * batch.size
         for index, error in batch.errors.items():
