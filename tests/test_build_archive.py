@@ -74,7 +74,8 @@ def test_a_hub_cache_file_is_found(monkeypatch, tmp_path, resnet18_weights):
 
 def test_cli_writes_a_self_contained_archive(resnet18_weights, tmp_path):
     result = run_build("--backbone", "resnet18", "--weights", str(resnet18_weights), "--version", "2.1",
-                       "--name", "imagenet", "--out", str(tmp_path), "--batch-size", "4")
+                       "--name", "imagenet", "--out", str(tmp_path), "--batch-size", "4", "--max-batch-delay", "3",
+                       "--compile", "none")
     assert result.returncode == 0, result.stderr
     archive = tmp_path / "imagenet_v2.1.mar"
     assert result.stdout.strip() == str(archive)
@@ -83,7 +84,9 @@ def test_cli_writes_a_self_contained_archive(resnet18_weights, tmp_path):
         config = yaml.safe_load(zf.read("model-config.yaml"))
         manifest = zf.read("MAR-INF/MANIFEST.json").decode()
     assert {"weights.pt", "index_to_name.json", "recognition_handler.py", "handlers/backbones.py"} <= names
-    assert config["batchSize"] == 4 and config["maxBatchDelay"] >= 0
+    # An archive ships the runtime only: no archive writer, compiler or management code.
+    assert not any(name.startswith(("imagerec/", "training/", "scripts/")) for name in names)
+    assert config["batchSize"] == 4 and config["maxBatchDelay"] == 3
     assert '"modelVersion": "2.1"' in manifest and '"modelName": "imagenet"' in manifest
     info = read_archive_info(archive)
     assert info["backbone"] == "resnet18" and info["weights_sha256"] == file_sha256(resnet18_weights)

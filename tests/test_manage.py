@@ -156,16 +156,27 @@ def test_deploy_rollback_and_retire_rules(server, client, heads, photo):
     assert sorted(e["modelVersion"] for e in client.versions(NAME)) == ["1", "2"]
 
 
-def test_restart_restores_versions_workers_and_default(server, client, photo):
-    assert cli(server, "scale", NAME, "1", "--workers", "2").returncode == 0  # non-default version
-    before = {e["modelVersion"]: len(e["workers"]) for e in client.versions(NAME)}
-    assert before == {"1": 2, "2": 1}
-    server.restart()
-    after = {e["modelVersion"]: len(e["workers"]) for e in client.versions(NAME)}
-    assert after == before
-    assert client.default_version(NAME) == "2"
-    assert answered_by(server, photo) == "2"
-    assert all(w["status"] == "READY" for e in client.versions(NAME) for w in e["workers"])
+def test_restart_restores_versions_workers_and_default(tmp_path_factory, heads, photo):
+    """A server of its own: v1 registered, v2 deployed as the default, the non-default v1 scaled to
+    two workers; after a restart every version, worker count and the default are back."""
+    root = tmp_path_factory.mktemp("restart")
+    own = TorchServe(model_store=root / "model-store", workdir=root / "work").start(snapshots=True)
+    try:
+        client = manage.Client(own.management_url, own.key_file, own.model_store, own.inference_url)
+        manage.register_archive(heads["1"], management_url=own.management_url, key_file=own.key_file,
+                                model_store=own.model_store, workers=1)
+        assert cli(own, "deploy", heads["2"]).returncode == 0
+        assert cli(own, "scale", NAME, "1", "--workers", "2").returncode == 0  # non-default version
+        before = {e["modelVersion"]: len(e["workers"]) for e in client.versions(NAME)}
+        assert before == {"1": 2, "2": 1}
+        own.restart()
+        after = {e["modelVersion"]: len(e["workers"]) for e in client.versions(NAME)}
+        assert after == before
+        assert client.default_version(NAME) == "2"
+        assert answered_by(own, photo) == "2"
+        assert all(w["status"] == "READY" for e in client.versions(NAME) for w in e["workers"])
+    finally:
+        own.stop()
 
 
 def test_exit_codes_for_bad_arguments_and_unreachable_server(server, tmp_path):

@@ -26,11 +26,14 @@ def top3(server, model, data, **kwargs):
     return response.json()
 
 
-def assert_well_formed(answer):
+def assert_well_formed(answer, trained: bool = True):
+    """Top-3 sorted, indices naming their labels; ``trained``: a genuinely trained model is sure of
+    something (the self-made resnet18 weights of the tests are not trained)."""
     assert len(answer) == 3
     probabilities = [entry["probability"] for entry in answer]
     assert probabilities == sorted(probabilities, reverse=True)
-    assert 0 < sum(probabilities) <= 1.0 + 1e-6
+    if trained:
+        assert probabilities[0] > 10 / len(imagenet_categories())  # well above a uniform answer
     categories = imagenet_categories()
     assert all(categories[entry["index"]] == entry["label"] for entry in answer)
 
@@ -56,7 +59,7 @@ def test_resnet18_served_equals_in_process(imagenet_server, resnet18_archive, sa
     for entry in served:
         assert abs(entry["probability"] - probabilities[entry["index"]].item()) < 1e-4
         assert entry["probability"] >= third_best - 1e-4  # the served three are the top three
-    assert_well_formed(served)
+    assert_well_formed(served, trained=False)
 
 
 @pytest.mark.parametrize("name", sorted(images.variants()))
