@@ -41,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="TorchServe's working directory (key_file.json, logs)")
     parser.add_argument("--restore", action=argparse.BooleanOptionalAction, default=True,
                         help="bring back the models and default versions registered before the last stop "
-                             "(TorchServe snapshots in <workdir>/logs/config)")
+                             "(TorchServe snapshots in <workdir>/logs/config; recorded either way)")
     return parser
 
 
@@ -66,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
     )
     # Ctrl-C or a service manager's SIGTERM: stop TorchServe and its workers with us.
     signal.signal(signal.SIGTERM, _interrupt)
-    server.start(restore=args.restore)
+    server.start(snapshots=True, restore=args.restore)  # --no-restore starts fresh, and still records
     logger.info("serving %s v%s at %s/predictions/%s", args.backbone, args.version, server.inference_url, args.backbone)
     logger.info("management API at %s; keys in %s; logs in %s", server.management_url, server.key_file, server.log_dir)
     logger.info("try: curl -H \"Authorization: Bearer $(python -c \"import json; print(json.load(open('%s'))['inference']['key'])\")\" "

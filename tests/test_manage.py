@@ -192,3 +192,36 @@ def test_exit_codes_for_bad_arguments_and_unreachable_server(server, tmp_path):
         [sys.executable, str(MANAGE), "--management", server.management_url, "--key-file",
          str(tmp_path / "key_file.json"), "list"], capture_output=True, text=True, timeout=60)
     assert no_key.returncode == manage.EXIT_UNREACHABLE and "key file" in no_key.stderr
+
+
+def test_scaled_registrations_rollback_non_default_scaling_and_keep(tmp_path_factory, heads, photo):
+    """The paths between the others: rolling back from a scaled "-rN" registration, scaling a version
+    that is not the default (up, then losslessly down), and ``deploy --keep 1`` retiring the rest."""
+    root = tmp_path_factory.mktemp("paths")
+    own = TorchServe(model_store=root / "model-store", workdir=root / "work").start()
+    try:
+        client = manage.Client(own.management_url, own.key_file, own.model_store, own.inference_url)
+        manage.register_archive(heads["1"], management_url=own.management_url, key_file=own.key_file,
+                                model_store=own.model_store, workers=1)
+        assert cli(own, "deploy", heads["2"], "--workers", "2").returncode == 0
+        scaled = cli(own, "scale", NAME, "--workers", "1")  # the default v2: re-registered as 2-r1
+        assert scaled.returncode == 0, scaled.stderr
+        assert json.loads(scaled.stdout)["version"] == "2-r1" and client.default_version(NAME) == "2-r1"
+
+        back = cli(own, "rollback", NAME)  # 2-r1 is archive version 2: the version before it is 1
+        assert back.returncode == 0, back.stderr
+        assert client.default_version(NAME) == "1" and answered_by(own, photo) == "1"
+
+        for workers in (2, 1):  # 2-r1 is no longer the default: scaled in place, after it drained
+            assert cli(own, "scale", NAME, "2-r1", "--workers", workers).returncode == 0
+            assert len(client.describe(NAME, "2-r1")["workers"]) == workers
+        assert sorted(e["modelVersion"] for e in client.versions(NAME)) == ["1", "2-r1"]
+
+        kept = cli(own, "deploy", heads["2"], "--keep", "1")
+        assert kept.returncode == 0, kept.stderr
+        assert sorted(json.loads(kept.stdout)["retired"]) == ["1", "2-r1"]
+        assert [e["modelVersion"] for e in client.versions(NAME)] == ["2"]
+        assert not (own.model_store / "bees_vs_ants_v2-r1.mar").exists()  # scale's copy went with it
+        assert answered_by(own, photo) == "2"
+    finally:
+        own.stop()

@@ -13,6 +13,8 @@ import zipfile
 import pytest
 
 from handlers.layout import read_archive_info
+from imagerec.management import EXIT_UNREACHABLE
+from imagerec.torchserve import free_port
 from training import train_head
 from training.data import DataError, load_dataset
 
@@ -133,3 +135,10 @@ def test_train_head_writes_archive_report_and_reuses_cache(datasets_dir, tmp_pat
 
     # Same version again without --force: refused before any work.
     assert train_head.run([str(data), *common, "--version", "2"]) == train_head.EXIT_BAD_INPUT
+
+    # --register to a server that is not there: the archive is written, the exit code says unreachable.
+    closed = f"http://127.0.0.1:{free_port()}"
+    code = train_head.run([str(data), *common, "--version", "3", "--register", closed,
+                           "--key-file", str(tmp_path / "no-server" / "key_file.json")])
+    assert code == EXIT_UNREACHABLE
+    assert (out / "bees_ants_v3.mar").is_file()
