@@ -161,65 +161,13 @@ class FeatureExtractor:
         unreadable files beforehand, so this means the file changed underneath us).
         """
         started = time.perf_counter()
-        stats = ExtractionStats(images=len(paths))
         hashes = list(hashes) if hashes is not None else [file_sha256(p) for p in paths]
-        augmented = views > 0
-        n_views = views if augmented else 1
-        key_dir = self._key_dir(
-            self.augmentation.describe(self.preprocessing, seed) if augmented else f"eval:{_describe(self.preprocessing)}"
-        )
-        out = torch.empty(len(paths), n_views, self.backbone.feature_dim)
-        missing = []
-        for index, (path, digest) in enumerate(zip(paths, hashes)):
-            cached = self._load_cached(self._cache_file(key_dir, digest), n_views)
-            if cached is None:
-                missing.append(index)
-            else:
-                out[index] = cached
-        stats.cached = len(paths) - len(missing)
-
-        bar = tqdm(total=len(missing) * n_views, desc=description, unit="view" if augmented else "img",
-                   disable=not self.progress or not missing, leave=False)
-        pending_inputs, pending_slots = [], []
-
-        def flush():
-            if not pending_inputs:
-                return
-            with torch.inference_mode():
-                features = self.network.features(torch.stack(pending_inputs)).float()
-            for (index, view), feature in zip(pending_slots, features):
-                out[index, view] = feature
-            stats.forward_passes += len(pending_inputs)
-            bar.update(len(pending_inputs))
-            pending_inputs.clear()
-            pending_slots.clear()
-
-        finished = []
-        for index in missing:
-            image = decode_image(Path(paths[index]).read_bytes(), min_side=self.preprocessing.resize_size)
-            if augmented:
-                for view in range(n_views):
-                    # One seed per (run seed, image content, view): reproducible and independent of
-                    # the image's position in the list, so cached views stay valid.
-                    view_seed = int(hashlib.sha256(f"{seed}:{hashes[index]}:{view}".encode()).hexdigest()[:15], 16)
-                    with torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(view_seed)
-                        pending_inputs.append(self.train_transform(image))
-                    pending_slots.append((index, view))
-            else:
-                pending_inputs.append(self.eval_transform(image))
-                pending_slots.append((index, 0))
-            finished.append(index)
-            if len(pending_inputs) >= self.batch_size:
-                flush()
-                for done in finished:
-                    self._store(self._cache_file(key_dir, hashes[done]), out[done])
-                finished.clear()
-        flush()
-        for done in finished:
-            self._store(self._cache_file(key_dir, hashes[done]), out[done])
-        bar.close()
-        stats.extracted = len(missing)
+        n_views = views or 1
+        transform_key = self.augmentation.describe(self.preprocessing, seed) if views else f"eval:{_describe(self.preprocessing)}"
+        key_dir = self._key_dir(transform_key)
+        out, missing = self._read_cache(key_dir, hashes, n_views)
+        stats = ExtractionStats(images=len(paths), cached=len(paths) - len(missing), extracted=len(missing))
+        stats.forward_passes = self._compute(paths, hashes, missing, out, key_dir, views, seed, description)
         stats.seconds = time.perf_counter() - started
         self.stats.add(stats)
         if missing:
@@ -227,4 +175,66 @@ class FeatureExtractor:
                         description, stats.cached, stats.extracted, stats.forward_passes, stats.seconds)
         else:
             logger.info("%s: all %d images from cache", description, stats.cached)
-        return out if augmented else out[:, 0]
+        return out if views else out[:, 0]
+
+    def _read_cache(self, key_dir: Path, hashes: list[str], n_views: int) -> tuple[torch.Tensor, list[int]]:
+        """(N, n_views, D) with the cached rows filled in, and the indices still to compute."""
+        out = torch.empty(len(hashes), n_views, self.backbone.feature_dim)
+        missing = []
+        for index, digest in enumerate(hashes):
+            cached = self._load_cached(self._cache_file(key_dir, digest), n_views)
+            if cached is None:
+                missing.append(index)
+            else:
+                out[index] = cached
+        return out, missing
+
+    def _inputs(self, path: Path, digest: str, views: int, seed: int) -> list[torch.Tensor]:
+        """The backbone inputs of one image: its eval view, or its ``views`` augmented views."""
+        image = decode_image(Path(path).read_bytes(), min_side=self.preprocessing.resize_size)
+        if not views:
+            return [self.eval_transform(image)]
+        inputs = []
+        for view in range(views):
+            # One seed per (run seed, image content, view): reproducible and independent of the
+            # image's position in the list, so cached views stay valid.
+            view_seed = int(hashlib.sha256(f"{seed}:{digest}:{view}".encode()).hexdigest()[:15], 16)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(view_seed)
+                inputs.append(self.train_transform(image))
+        return inputs
+
+    def _compute(self, paths: list[Path], hashes: list[str], missing: list[int], out: torch.Tensor, key_dir: Path,
+                 views: int, seed: int, description: str) -> int:
+        """Fill ``out[missing]`` in backbone batches, caching each image once all its views are done.
+        Returns the number of backbone inputs computed."""
+        bar = tqdm(total=len(missing) * (views or 1), desc=description, unit="view" if views else "img",
+                   disable=not self.progress or not missing, leave=False)
+        pending_inputs, pending_slots, finished = [], [], []
+        passes = 0
+
+        def flush():
+            nonlocal passes
+            if pending_inputs:
+                with torch.inference_mode():
+                    features = self.network.features(torch.stack(pending_inputs)).float()
+                for (index, view), feature in zip(pending_slots, features):
+                    out[index, view] = feature
+                passes += len(pending_inputs)
+                bar.update(len(pending_inputs))
+                pending_inputs.clear()
+                pending_slots.clear()
+            for done in finished:
+                self._store(self._cache_file(key_dir, hashes[done]), out[done])
+            finished.clear()
+
+        for index in missing:
+            inputs = self._inputs(paths[index], hashes[index], views, seed)
+            pending_inputs.extend(inputs)
+            pending_slots.extend((index, view) for view in range(len(inputs)))
+            finished.append(index)
+            if len(pending_inputs) >= self.batch_size:
+                flush()
+        flush()
+        bar.close()
+        return passes
