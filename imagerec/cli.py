@@ -16,6 +16,9 @@ from collections.abc import Callable, Mapping
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_ARGUMENTS = 2
+# The commands that build archives (build_archive.py, train_head.py, serve.py): no backbone weights.
+# (The lifecycle tools use 3 and up for their own outcomes: imagerec.management.)
+EXIT_NO_WEIGHTS = 3
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 

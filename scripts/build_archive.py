@@ -13,13 +13,12 @@ from pathlib import Path
 
 from handlers.backbones import WeightsNotFoundError, backbone_names, get_backbone, imagenet_categories
 from imagerec.archive import build_archive
-from imagerec.cli import EXIT_BAD_ARGUMENTS, EXIT_FAILED, run_cli
+from imagerec.cli import EXIT_BAD_ARGUMENTS, EXIT_FAILED, EXIT_NO_WEIGHTS, run_cli
 from imagerec.naming import validate_name, validate_version
 from imagerec.options import add_batching_arguments, batching_from_args, compile_with_from_args
 
 logger = logging.getLogger("build_archive")
 
-EXIT_NO_WEIGHTS = 3
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -27,11 +27,11 @@ from tests.support import make_subset
 # ---------------------------------------------------------------- data checks
 
 def _assert_refused_before_any_work(data, tmp_path, caplog, *phrases):
-    """train_head in-process on ``data`` exits EXIT_BAD_INPUT, logs every phrase, computes nothing."""
+    """train_head in-process on ``data`` exits EXIT_BAD_ARGUMENTS, logs every phrase, computes nothing."""
     cache = tmp_path / "cache"
     code = train_head.run([str(data), "--name", "x", "--backbone", "efficientnet_lite0", "--cache-dir", str(cache),
                            "--out", str(tmp_path / "out"), "--no-progress", "--views", "1"])
-    assert code == train_head.EXIT_BAD_INPUT
+    assert code == train_head.EXIT_BAD_ARGUMENTS
     for phrase in phrases:
         assert phrase in caplog.text
     assert not cache.exists(), "features were computed before the data was checked"
@@ -134,7 +134,7 @@ def test_train_head_writes_archive_report_and_reuses_cache(datasets_dir, tmp_pat
     assert second["fit"]["weight_decay"] == 0.01
 
     # Same version again without --force: refused before any work.
-    assert train_head.run([str(data), *common, "--version", "2"]) == train_head.EXIT_BAD_INPUT
+    assert train_head.run([str(data), *common, "--version", "2"]) == train_head.EXIT_BAD_ARGUMENTS
 
     # --register to a server that is not there: the archive is written, the exit code says unreachable.
     closed = f"http://127.0.0.1:{free_port()}"

@@ -28,7 +28,7 @@ import torch
 from handlers.backbones import WeightsNotFoundError, backbone_names, get_backbone
 from handlers.heads import HEADS, FeatureHead, build_head
 from imagerec.archive import build_archive
-from imagerec.cli import EXIT_BAD_ARGUMENTS, EXIT_FAILED, LOG_FORMAT, run_command
+from imagerec.cli import EXIT_BAD_ARGUMENTS, EXIT_FAILED, EXIT_NO_WEIGHTS, LOG_FORMAT, run_command
 from imagerec.management import DEFAULT_KEY_FILE, DEFAULT_MODEL_STORE, register_archive
 from imagerec.naming import archive_file_name, validate_name, validate_version
 from imagerec.options import add_batching_arguments, batching_from_args, compile_with_from_args
@@ -38,8 +38,6 @@ from training.features import Augmentation, FeatureExtractor, default_cache_dir
 
 logger = logging.getLogger("train_head")
 
-EXIT_BAD_INPUT = EXIT_BAD_ARGUMENTS
-EXIT_NO_WEIGHTS = 3
 DEFAULT_HEAD = "linear"
 DEFAULT_VIEWS = 2
 
@@ -273,9 +271,9 @@ def main(args: argparse.Namespace) -> Path:
 # Registration failures (imagerec.management.ManageError) carry their own exit code.
 ERRORS = {
     WeightsNotFoundError: EXIT_NO_WEIGHTS,  # before RuntimeError: it is one
-    DataError: EXIT_BAD_INPUT,
-    ValueError: EXIT_BAD_INPUT,
-    FileExistsError: EXIT_BAD_INPUT,
+    DataError: EXIT_BAD_ARGUMENTS,
+    ValueError: EXIT_BAD_ARGUMENTS,
+    FileExistsError: EXIT_BAD_ARGUMENTS,
     RuntimeError: EXIT_FAILED,  # compiling or torch-model-archiver failed: the message says why
 }
 
