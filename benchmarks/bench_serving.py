@@ -78,9 +78,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare-variants", action=argparse.BooleanOptionalAction, default=True,
                         help="also serve resnet18 as the other variants (fp32 eager, fp32+aoti, bf16)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="TorchServe batch size of the archives (default: handlers.archive.BatchingConfig's)")
+                        help="TorchServe batch size of the archives (default: imagerec.archive.BatchingConfig's)")
     parser.add_argument("--max-batch-delay", type=int, default=None,
-                        help="TorchServe max batch delay in ms (default: handlers.archive.BatchingConfig's)")
+                        help="TorchServe max batch delay in ms (default: imagerec.archive.BatchingConfig's)")
     parser.add_argument("--levers", action=argparse.BooleanOptionalAction, default=True,
                         help="also serve resnet18 variants (batch size, delay, workers x threads) at 1 and 16 clients")
     parser.add_argument("--guard-images", type=int, default=0,
