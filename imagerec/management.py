@@ -255,6 +255,11 @@ class Client:
             params["max_batch_delay"] = max_batch_delay
         try:
             self.call("POST", "/models", params=params, timeout=timeout)
+            if workers is not None and self.describe(name, version).get("maxWorkers", workers) < workers:
+                # The archive's model-config.yaml caps workers at its maxWorkers, whatever
+                # initial_workers says: lift the cap to the number asked for.
+                self.call("PUT", f"/models/{name}/{version}", timeout=timeout,
+                          params={"min_worker": workers, "max_worker": workers, "synchronous": "true"})
         except ManageError:
             # A failed load can leave a registration without workers behind: remove it.
             if any(e["modelVersion"] == version for e in self.versions(name)):
