@@ -34,7 +34,6 @@ import filecmp
 import json
 import logging
 import os
-import re
 import sys
 import time
 import zipfile
@@ -54,7 +53,7 @@ from handlers.manifest import (  # noqa: E402
     read_member,
     verify_archive,
 )
-from handlers.naming import archive_file_name, validate_name, validate_version  # noqa: E402
+from handlers.naming import archive_file_name, validate_name, validate_version, version_key  # noqa: E402
 from scripts.ts_runtime import (  # noqa: E402
     KEY_FILE_NAME,
     PROJECT_ROOT,
@@ -99,11 +98,6 @@ class ManageError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_FAILED):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def version_key(version: str) -> tuple:
-    """Natural order: 2 < 2-r1 < 10; numbers compare as numbers."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.findall(r"\d+|\D+", version))
 
 
 @dataclass
@@ -571,8 +565,17 @@ def scale(client: Client, name: str, version: str | None, workers: int, *, in_pl
 
 
 def overview(client: Client, names: list[str] | None = None) -> list[dict]:
+    """One row per model. A registered name outside our rules (the raw management API accepts '../evil')
+    is listed with ``refused_name`` instead of its versions: such a name cannot be addressed safely."""
     rows = []
     for name in names if names is not None else client.model_names():
+        if names is None:
+            try:
+                validate_name(name)
+            except ValueError as refusal:
+                logger.warning("model %r: %s (restart the server to drop it; docs/OPERATIONS.md)", name, refusal)
+                rows.append({"name": name, "refused_name": str(refusal), "versions": []})
+                continue
         entries = client.versions(validate_name(name))
         if not entries:
             raise ManageError(f"no model named {name!r} is registered", EXIT_REFUSED)

@@ -25,6 +25,8 @@ from pathlib import Path
 import psutil
 import requests
 
+from handlers.naming import validate_name, version_key
+
 logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -249,11 +251,23 @@ class TorchServe:
         raise TimeoutError(f"TorchServe not ready after {timeout:.0f}s; see {self.log_dir}")
 
     def _models_ready(self) -> bool:
+        """True once every registered version of every model we can address has a READY worker."""
         response = self.management("GET", "/models")
         if response.status_code != 200:
             return False
         for model in response.json().get("models", []):
-            for version in self.management("GET", f"/models/{model['modelName']}/all").json():
+            name = model["modelName"]
+            try:
+                validate_name(name)
+            except ValueError:
+                # Registered through the raw management API (it accepts '../evil'); a name with '/' cannot
+                # even be addressed in a URL. It must not keep the server from starting.
+                logger.warning("model %r: name outside our rules, readiness not checked", name)
+                continue
+            versions = self.management("GET", f"/models/{name}/all")
+            if versions.status_code != 200:
+                return False
+            for version in versions.json():
                 if not any(w.get("status") == "READY" for w in version.get("workers", [])):
                     return False
         return True
@@ -327,8 +341,11 @@ def _wait_group_gone(group: int, timeout: float) -> bool:
 def latest_snapshot(snapshot_dir: str | Path, model_store: str | Path | None = None) -> dict | None:
     """The model_snapshot of TorchServe's newest snapshot file, or None if there is none.
 
+    Models whose name our rules refuse (handlers/naming.py; TorchServe's management API accepts names
+    such as '../evil') are dropped with a warning naming them: restoring them would stop every start.
     Versions whose archive is no longer in ``model_store`` are dropped (TorchServe would refuse to
-    start on them); a model left without versions is dropped entirely.
+    start on them); a model left without versions is dropped entirely, and one left without a default
+    gets its highest version (natural order, ``version_key``) as the default.
     """
     files = sorted(Path(snapshot_dir).glob("*.cfg"), key=lambda p: (p.stat().st_mtime, p.name))
     for path in reversed(files):
@@ -336,6 +353,12 @@ def latest_snapshot(snapshot_dir: str | Path, model_store: str | Path | None = N
         if raw is None:
             continue
         snapshot = json.loads(raw)
+        for name in list(snapshot.get("models", {})):
+            try:
+                validate_name(name)
+            except ValueError as refusal:
+                logger.warning("snapshot %s: model %r not restored: %s", path.name, name, refusal)
+                del snapshot["models"][name]
         if model_store is not None:
             for name, versions in list(snapshot.get("models", {}).items()):
                 for version, entry in list(versions.items()):
@@ -346,8 +369,8 @@ def latest_snapshot(snapshot_dir: str | Path, model_store: str | Path | None = N
                 if not versions:
                     del snapshot["models"][name]
                 elif not any(v.get("defaultVersion") for v in versions.values()):
-                    max(versions.values(), key=lambda v: v["marName"])["defaultVersion"] = True
-            snapshot["modelCount"] = len(snapshot["models"])
+                    versions[max(versions, key=version_key)]["defaultVersion"] = True
+        snapshot["modelCount"] = len(snapshot.get("models", {}))
         return snapshot if snapshot.get("models") else None
     return None
 

@@ -3,14 +3,22 @@ output, thin-image bombs, bad names in a snapshot, stops that answer every accep
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
+import time
+
+import pytest
 
 from handlers.archive import build_archive
-from handlers.backbones import imagenet_categories
-from scripts.ts_runtime import PROJECT_ROOT
+from handlers.backbones import get_backbone, imagenet_categories
+from handlers.constants import MAX_ASPECT_RATIO
+from handlers.imaging import ImageError, ImagePreprocessor, decode_image
+from scripts.ts_runtime import PROJECT_ROOT, TorchServe, install_archive, latest_snapshot, write_properties
+from tests import images
 
 BUILD = [sys.executable, str(PROJECT_ROOT / "scripts" / "build_archive.py")]
 
@@ -50,3 +58,98 @@ def test_two_concurrent_builds_with_the_same_name_both_succeed(resnet18_weights,
     for i in range(2):
         assert (tmp_path / f"out{i}" / "same_v1.mar").is_file()
     assert list(temp.iterdir()) == []
+
+
+# -- 3. thin images: few pixels, but an enormous image once the short side is resized -------------------
+@pytest.mark.parametrize("thin", [(1, 20_000), (20_000, 1), (3, 2_000)], ids=["1x20000", "20000x1", "3x2000"])
+def test_a_thin_png_is_refused_before_its_resize(thin):
+    """1x20000 passes the megapixel limit; resized to a 256 short side it would be 256x5,120,000 (5.5 GB)."""
+    data = images.thin_png(*thin)
+    preprocessor = ImagePreprocessor(get_backbone("efficientnet_lite0").preprocessing)
+    for step in (decode_image, preprocessor.geometry):
+        with pytest.raises(ImageError) as caught:
+            step(data)
+        assert caught.value.status == 413 and "aspect ratio" in str(caught.value)
+
+
+def test_a_wide_panorama_within_the_aspect_limit_is_still_accepted():
+    data = images.encode(images.sample().resize((MAX_ASPECT_RATIO * 64, 64)), "PNG")
+    geometry = ImagePreprocessor(get_backbone("efficientnet_lite0").preprocessing).geometry(data)
+    assert tuple(geometry.shape) == (3, 224, 224)
+
+
+def test_a_served_model_answers_a_thin_png_with_413_at_once(imagenet_server):
+    started = time.monotonic()
+    response = imagenet_server.predict("efficientnet_lite0", images.thin_png(), content_type="image/png")
+    elapsed = time.monotonic() - started
+    assert response.status_code == 413, (response.status_code, response.text[:300], f"{elapsed:.1f}s")
+    assert "aspect ratio" in response.json()["error"]
+    logging.getLogger(__name__).info("thin PNG refused in %.3f s", elapsed)
+    ok = imagenet_server.predict("efficientnet_lite0", images.encode(images.sample(), "JPEG"))
+    assert ok.status_code == 200  # the worker is still serving
+
+
+# -- 4. a bad model name in a snapshot must not stop every restart ----------------------------------
+def test_latest_snapshot_defaults_to_the_highest_version_in_natural_order(tmp_path):
+    store, snapshots = tmp_path / "store", tmp_path / "config"
+    store.mkdir()
+    snapshots.mkdir()
+    versions = {}
+    for version in ("9", "10", "2"):
+        (store / f"m_v{version}.mar").write_bytes(b"")
+        versions[version] = {"marName": f"m_v{version}.mar", "defaultVersion": False}
+    write_properties(snapshots / "1-snapshot.cfg", {"model_snapshot": json.dumps({"models": {"m": versions}})})
+    snapshot = latest_snapshot(snapshots, store)
+    assert [v for v, entry in snapshot["models"]["m"].items() if entry["defaultVersion"]] == ["10"]
+
+
+BAD_NAMES = ("../evil", "a;touch x")
+
+
+def test_a_restart_with_bad_names_in_the_snapshot_comes_back_without_them(efficientnet_archive, tmp_path, caplog):
+    store = tmp_path / "store"
+    install_archive(efficientnet_archive, store)
+    server = TorchServe(model_store=store, workdir=tmp_path / "work",
+                        models=f"efficientnet_lite0={efficientnet_archive.name}")
+    server.start(snapshots=True)
+    try:
+        server.stop()
+        # What a registration through the raw management API leaves in TorchServe's snapshot.
+        snapshot = latest_snapshot(server.snapshot_dir, store)
+        good = snapshot["models"]["efficientnet_lite0"]
+        for bad in BAD_NAMES:
+            snapshot["models"][bad] = json.loads(json.dumps(good))
+        snapshot["modelCount"] = len(snapshot["models"])
+        write_properties(server.snapshot_dir / "99999999999999999-snapshot.cfg",
+                         {"model_snapshot": json.dumps(snapshot)})
+
+        with caplog.at_level(logging.WARNING, logger="scripts.ts_runtime"):
+            server.start(restore=True)
+        names = [m["modelName"] for m in server.management("GET", "/models").json()["models"]]
+        assert names == ["efficientnet_lite0"]
+        for bad in BAD_NAMES:
+            assert any(repr(bad) in record.getMessage() for record in caplog.records), bad
+        ok = server.predict("efficientnet_lite0", images.encode(images.sample(), "JPEG"))
+        assert ok.status_code == 200
+
+        # Registered again through the raw API: `manage.py list` lists them, flagged, and exits 0.
+        for bad in BAD_NAMES:
+            response = server.management("POST", "/models", params={
+                "url": efficientnet_archive.name, "model_name": bad, "initial_workers": "0"})
+            assert response.status_code == 200, response.text
+        listed = subprocess.run(
+            [sys.executable, str(PROJECT_ROOT / "scripts" / "manage.py"), "--management", server.management_url,
+             "--inference", server.inference_url, "--key-file", str(server.key_file), "--model-store", str(store),
+             "list"], capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        rows = {row["name"]: row for row in json.loads(listed.stdout)}
+        assert set(rows) == {"efficientnet_lite0", *BAD_NAMES}
+        assert all("refused_name" in rows[bad] for bad in BAD_NAMES)
+        assert rows["efficientnet_lite0"]["versions"][0]["workers"][0]["status"] == "READY"
+
+        # And the next restart drops them again: the server always comes back.
+        server.restart()
+        names = [m["modelName"] for m in server.management("GET", "/models").json()["models"]]
+        assert names == ["efficientnet_lite0"]
+    finally:
+        server.stop()
