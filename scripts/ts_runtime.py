@@ -38,6 +38,15 @@ DEFAULT_TIMEOUT_S = 30.0
 # (requirements-serve.txt says why). The variable points the tools at another such environment.
 SERVE_VENV_VAR = "IMAGEREC_SERVE_VENV"
 DEFAULT_SERVE_VENV = PROJECT_ROOT / ".venv-serve"
+# A stop first answers the requests already accepted (TorchServe.drain), for at most this long.
+DEFAULT_DRAIN_TIMEOUT_S = 60.0
+# Draining a version: after its queue is empty, one sentinel per worker goes through the same queue
+# (FIFO) and is answered with a 4xx by the handler at once; with one worker its answer means every
+# batch before it is answered. TorchServe does not report busy workers, so with more workers the
+# grace below covers a batch another worker may still run: a bound, not an observation (under 8
+# clients on 2 busy cores batches took up to ~4 s; a version's responseTimeout is the strict bound).
+SENTINEL = b"drain-check: not an image"
+DRAIN_GRACE_S = 10.0
 
 
 def torchserve_executable() -> Path:
@@ -109,6 +118,18 @@ def auth_header(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+def port_taken(address: str) -> bool:
+    """True if something already listens on ``host:port`` (a socket lingering after a stop does not count)."""
+    host, _, port = address.removeprefix("http://").removeprefix("https://").rpartition(":")
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, int(port)))
+        except OSError:
+            return True
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -171,6 +192,17 @@ class TorchServe:
         """Where TorchServe writes a snapshot after every registration change (when snapshots are on)."""
         return self.log_dir / "config"
 
+    def addresses(self) -> dict[str, str]:
+        """Every address TorchServe will listen on, by property name."""
+        grpc_host = {api: self.properties.get(f"grpc_{api}_address", "127.0.0.1") for api in ("inference", "management")}
+        return {
+            "inference_address": self.inference_url,
+            "management_address": self.management_url,
+            "metrics_address": self.metrics_url,
+            **{f"grpc_{api}_port": f"{grpc_host[api]}:{self.properties[f'grpc_{api}_port']}"
+               for api in ("inference", "management") if f"grpc_{api}_port" in self.properties},
+        }
+
     def start(self, timeout: float = 120.0, snapshots: bool = False, restore: bool = False) -> "TorchServe":
         """Start and wait until the server answers and every loaded model has a ready worker.
 
@@ -178,6 +210,11 @@ class TorchServe:
         restore: (implies snapshots) bring back the models, versions, workers and default versions of
         the latest snapshot; ``models`` not in it are registered as well.
         """
+        # TorchServe that cannot bind a port stops with exit code 0 and no word about it: check first.
+        taken = [f"{address} ({key})" for key, address in self.addresses().items() if port_taken(address)]
+        if taken:
+            raise RuntimeError(f"cannot start TorchServe: {', '.join(taken)} already in use (another TorchServe? "
+                               "stop it, or choose other ports)")
         (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
         self.model_store.mkdir(parents=True, exist_ok=True)
         properties = dict(self.properties)
@@ -292,12 +329,88 @@ class TorchServe:
         path = f"/models/{model}" + (f"/{version}" if version else "")
         return [w["pid"] for entry in self.management("GET", path).json() for w in entry.get("workers", [])]
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop the frontend and all workers, and wait until every one of them has exited."""
+    def versions(self) -> list[dict]:
+        """Describe entries of every registered version of every model whose name we can address."""
+        entries = []
+        for model in self.management("GET", "/models", params={"limit": 1000}).json().get("models", []):
+            try:
+                name = validate_name(model["modelName"])
+            except ValueError:
+                continue  # a name outside our rules (see _models_ready): nothing we can address
+            response = self.management("GET", f"/models/{name}/all")
+            if response.status_code == 200:
+                entries += response.json()
+        return entries
+
+    def refuse_new_requests(self) -> None:
+        """From now on every new inference request is answered at once (HTTP 400, token authorization
+        failed) instead of being queued; the requests already accepted are not affected.
+
+        TorchServe 0.12 has no switch to stop taking requests without closing connections (its own
+        SIGTERM handling closes every connection, queued and running requests included), so this
+        replaces the inference key (POST /token?type=inference; key_file.json gets the new one).
+        """
+        response = requests.post(self.management_url + "/token", params={"type": "inference"},
+                                 headers=auth_header(self.keys["API"]), timeout=DEFAULT_TIMEOUT_S)
+        if response.status_code != 200:
+            raise RuntimeError(f"cannot stop taking requests: HTTP {response.status_code} {response.text.strip()}")
+
+    def drain(self, timeout: float = DEFAULT_DRAIN_TIMEOUT_S, grace: float = DRAIN_GRACE_S) -> bool:
+        """Take no new request and answer every accepted one; True if done within ``timeout``.
+
+        New requests are refused at once (``refuse_new_requests``); then every version's queue
+        (jobQueueStatus.pendingRequests) is waited empty, a SENTINEL per worker goes through it, and
+        versions with more than one worker get ``grace`` seconds more (see SENTINEL).
+        """
+        deadline = time.monotonic() + timeout
+        self.refuse_new_requests()
+        inference_key = self.keys["inference"]
+        busy = self.versions()
+        while busy and time.monotonic() < deadline:
+            idle = [e for e in busy if e.get("jobQueueStatus", {}).get("pendingRequests", 0) == 0]
+            for entry in idle:
+                path = f"/predictions/{entry['modelName']}/{entry['modelVersion']}"
+                for _ in entry.get("workers", []):
+                    try:
+                        requests.put(self.inference_url + path, data=SENTINEL, headers=auth_header(inference_key),
+                                     timeout=max(1.0, deadline - time.monotonic()))
+                    except requests.RequestException as error:
+                        logger.warning("drain: sentinel to %s failed: %s", path, error)
+            if any(len(e.get("workers", [])) > 1 for e in idle):
+                time.sleep(max(0.0, min(grace, deadline - time.monotonic())))
+            still_queued = {(e["modelName"], e["modelVersion"]) for e in busy if e not in idle}
+            if still_queued:
+                time.sleep(0.2)
+                busy = [e for e in self.versions() if (e["modelName"], e["modelVersion"]) in still_queued]
+            else:
+                busy = []
+        if busy:
+            logger.warning("drain: requests still queued after %.0f s: %s", timeout,
+                           ", ".join(f"{e['modelName']} v{e['modelVersion']}" for e in busy))
+        return not busy
+
+    def stop(self, timeout: float = 30.0, drain_timeout: float = 0.0) -> None:
+        """Stop the frontend and all workers, and wait until every one of them has exited.
+
+        drain_timeout > 0: first answer every request already accepted, taking no new one (``drain``),
+        for at most that long. Then the Java frontend stops first (it closes its ports, writes its
+        shutdown snapshot and stops its workers); whatever of the group is left is terminated after.
+        """
         if self.process is None:
             return
         group = self.process.pid
         try:
+            if drain_timeout > 0 and self.process.poll() is None:
+                started = time.monotonic()
+                try:
+                    drained = self.drain(drain_timeout)
+                    logger.info("drained in %.1f s%s", time.monotonic() - started, "" if drained else " (incomplete)")
+                except (requests.RequestException, RuntimeError, ValueError, KeyError) as error:
+                    logger.warning("drain failed, stopping anyway: %s", error)
+            frontend = [p for p in _group_members(group) if p.name() == "java"]
+            for process in frontend:
+                process.terminate()
+            psutil.wait_procs(frontend, timeout=timeout)
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
                     os.killpg(group, sig)

@@ -3,21 +3,38 @@ output, thin-image bombs, bad names in a snapshot, stops that answer every accep
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
+import psutil
 import pytest
+import requests
 
 from handlers.archive import build_archive
 from handlers.backbones import get_backbone, imagenet_categories
 from handlers.constants import MAX_ASPECT_RATIO
 from handlers.imaging import ImageError, ImagePreprocessor, decode_image
-from scripts.ts_runtime import PROJECT_ROOT, TorchServe, install_archive, latest_snapshot, write_properties
+from scripts.ts_runtime import (
+    PROJECT_ROOT,
+    TorchServe,
+    auth_header,
+    free_port,
+    install_archive,
+    latest_snapshot,
+    read_keys,
+    read_properties,
+    write_properties,
+)
 from tests import images
 
 BUILD = [sys.executable, str(PROJECT_ROOT / "scripts" / "build_archive.py")]
@@ -153,3 +170,89 @@ def test_a_restart_with_bad_names_in_the_snapshot_comes_back_without_them(effici
         assert names == ["efficientnet_lite0"]
     finally:
         server.stop()
+
+
+# -- 5. a stop answers every request it accepted ------------------------------------------------------
+def _wait_serving(workdir, process, deadline: float) -> tuple[str, str]:
+    """(inference URL, inference key) once the serve.py in ``workdir`` answers a prediction."""
+    photo = images.encode(images.sample(), "JPEG")
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"serve.py exited with {process.returncode}"
+        try:
+            url = read_properties(workdir / "config.properties")["inference_address"]
+            key = read_keys(workdir / "key_file.json")["inference"]
+            response = requests.put(f"{url}/predictions/efficientnet_lite0", data=photo,
+                                    headers=auth_header(key), timeout=10)
+            if response.status_code == 200:
+                return url, key
+        except (OSError, KeyError, ValueError, requests.RequestException):
+            pass
+        time.sleep(1)
+    raise TimeoutError("serve.py did not serve in time")
+
+
+def test_sigterm_to_serve_py_under_load_answers_every_request_sent_before_it(efficientnet_archive, tmp_path):
+    store, workdir = tmp_path / "store", tmp_path / "work"
+    install_archive(efficientnet_archive, store)
+    log = open(tmp_path / "serve.log", "wb")
+    serve = subprocess.Popen(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / "serve.py"), "--backbone", "efficientnet_lite0",
+         "--version", "1.0", "--model-store", str(store), "--workdir", str(workdir), "--free-ports",
+         "--no-restore", "--drain-timeout", "60"],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url, key = _wait_serving(workdir, serve, time.monotonic() + 300)
+        group = [serve.pid] + [p.pid for p in psutil.Process(serve.pid).children(recursive=True)]
+        host, port = url.removeprefix("http://").split(":")
+        photo = images.encode(images.sample("grace_hopper.jpg"), "JPEG")
+        # A request counts as sent before the signal once its bytes are written: the lock keeps the
+        # signal from falling between the start of a request and the end of its writing.
+        writing, signalled = threading.Lock(), threading.Event()
+        outcomes: list = []  # HTTP status or exception of every request sent before the signal
+
+        def client():
+            for _ in range(500):  # bounded; stops at the signal anyway
+                connection = http.client.HTTPConnection(host, int(port), timeout=90)
+                try:
+                    with writing:
+                        if signalled.is_set():
+                            return
+                        connection.request("PUT", "/predictions/efficientnet_lite0", body=photo,
+                                           headers={**auth_header(key), "Content-Type": "image/jpeg"})
+                    outcomes.append(connection.getresponse().status)
+                except (OSError, http.client.HTTPException) as error:
+                    outcomes.append(error)
+                finally:
+                    connection.close()
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(4)  # steady load: requests queued and in a batch
+        with writing:
+            serve.send_signal(signal.SIGTERM)
+            signalled.set()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert serve.wait(timeout=120) == 0
+        lost = [outcome for outcome in outcomes if outcome != 200]
+        assert len(outcomes) >= 8, outcomes
+        assert not lost, f"{len(lost)} of {len(outcomes)} requests sent before SIGTERM not answered 200: {lost}"
+        left = [pid for pid in group if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        assert not left, f"processes left after the stop: {left}"
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+        log.close()
+
+
+def test_a_port_in_use_is_named_before_torchserve_starts(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        server = TorchServe(model_store=tmp_path / "store", workdir=tmp_path / "work",
+                            ports=(free_port(), port, free_port()))
+        with pytest.raises(RuntimeError, match=re.escape(f"127.0.0.1:{port} (management_address)")):
+            server.start(timeout=60)
