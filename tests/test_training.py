@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import zipfile
 
 import pytest
@@ -23,8 +24,9 @@ from training.evaluation import draw_confusion, evaluate, mean_ci95
 
 
 def make_subset(datasets_dir, root, classes=("ants", "bees"), train=8, val=4, layout="folders", dataset="hymenoptera"):
-    """A small ImageFolder of symlinks to shared photos (never copies): ``layout`` "train/val" gives
-    ``root/train/<class>`` and ``root/val/<class>``, "folders" gives ``root/<class>`` with train+val photos."""
+    """A small ImageFolder of hard links to shared photos (never copies; symbolic links would leave the
+    data folder, which load_dataset skips): ``layout`` "train/val" gives ``root/train/<class>`` and
+    ``root/val/<class>``, "folders" gives ``root/<class>`` with train+val photos."""
     for cls in classes:
         source = sorted((datasets_dir / dataset / "train" / cls).iterdir())
         held = sorted((datasets_dir / dataset / "val" / cls).iterdir())[:val]
@@ -33,7 +35,7 @@ def make_subset(datasets_dir, root, classes=("ants", "bees"), train=8, val=4, la
             folder = root / split / cls if split else root / cls
             folder.mkdir(parents=True, exist_ok=True)
             for photo in photos:
-                (folder / photo.name).symlink_to(photo)
+                os.link(photo, folder / photo.name)
     return root
 
 
@@ -213,3 +215,34 @@ def test_train_head_writes_archive_report_and_reuses_cache(datasets_dir, tmp_pat
 
     # Same version again without --force: refused before any work.
     assert train_head.run([str(data), *common, "--version", "2"]) == train_head.EXIT_BAD_INPUT
+
+
+# ---------------------------------------------------------------- data folders with surprises (issue 9)
+
+def test_a_class_with_a_single_photo_trains_with_a_warning(datasets_dir, tmp_path, caplog):
+    data = make_subset(datasets_dir, tmp_path / "data", classes=("ants", "bees"), train=6, val=0)
+    for extra in sorted((data / "bees").iterdir())[1:]:
+        extra.unlink()
+    with caplog.at_level(logging.WARNING):
+        dataset = load_dataset(data)
+    assert dataset.counts("val")["bees"] == 0
+    assert any("bees" in r.getMessage() and "no validation photo" in r.getMessage() for r in caplog.records)
+
+
+def test_links_that_leave_the_data_folder_are_skipped_and_named(datasets_dir, tmp_path, caplog):
+    data = make_subset(datasets_dir, tmp_path / "data", classes=("ants", "bees"), train=4, val=0)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:the first bytes of a private file")
+    outside_photo = sorted((datasets_dir / "hymenoptera" / "val" / "ants").iterdir())[-1]
+    (data / "ants" / "passwd.jpg").symlink_to(secret)
+    (data / "ants" / "elsewhere.jpg").symlink_to(outside_photo)
+    (data / "bees" / "inside.jpg").symlink_to(sorted((data / "bees").iterdir())[0])  # stays inside: kept
+    with caplog.at_level(logging.WARNING):
+        dataset = load_dataset(data)
+    used = {sample.path.name for sample in dataset.train + dataset.val}
+    assert "elsewhere.jpg" not in used and "passwd.jpg" not in used and "inside.jpg" in used
+    assert "root:x" not in caplog.text
+    for name in ("passwd.jpg", "elsewhere.jpg"):
+        assert any(name in r.getMessage() and "outside the data folder" in r.getMessage() for r in caplog.records)
+    followed = load_dataset(data, follow_links=True)
+    assert "elsewhere.jpg" in {sample.path.name for sample in followed.train + followed.val}
