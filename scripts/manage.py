@@ -55,7 +55,9 @@ from handlers.manifest import (  # noqa: E402
 )
 from handlers.naming import archive_file_name, validate_name, validate_version, version_key  # noqa: E402
 from scripts.ts_runtime import (  # noqa: E402
+    DRAIN_GRACE_S,
     KEY_FILE_NAME,
+    SENTINEL,
     PROJECT_ROOT,
     SHIPPED_CONFIG,
     auth_header,
@@ -84,12 +86,6 @@ EXIT_CHECK_FAILED = 5
 DEFAULT_MIN_ACCURACY = 0.6
 REQUEST_TIMEOUT_S = 30.0  # any single management/inference call that does not wait for workers
 POLL_INTERVAL_S = 0.25
-# After a version's queue is empty: time for a batch a worker already took to finish. TorchServe
-# does not report busy workers, so this is a bound, not an observation: a batch running longer
-# when the version is retired is cut. The version's responseTimeout is the strict bound (TorchServe
-# fails a longer batch itself); under 8 clients on 2 busy cores batches took up to ~4 s.
-DRAIN_GRACE_S = 10.0
-SENTINEL = b"drain-check: not an image"  # answered with a 4xx by the handler, after the queued jobs
 
 
 class ManageError(Exception):
@@ -246,19 +242,26 @@ class Client:
         TorchServe reports the jobs still queued (jobQueueStatus.pendingRequests) but not the batch a
         worker is running, so after the queue is empty one sentinel request per worker goes through the
         same queue (FIFO), and then ``drain_seconds`` cover a batch another worker may still run.
+        Requests can still reach the version by its own URL (/predictions/NAME/VERSION): it is idle only
+        if its queue is still empty after all that; otherwise the drain starts over, until ``timeout``
+        (then ManageError: the caller must not unregister it).
         """
         deadline = time.monotonic() + timeout
         while True:
             entry = self.describe(name, version)
             if entry.get("jobQueueStatus", {}).get("pendingRequests", 0) == 0:
-                break
+                for _ in entry.get("workers", []):
+                    self.call("PUT", f"/predictions/{name}/{version}", inference=True, data=SENTINEL,
+                              expect=range(200, 600), timeout=max(1.0, deadline - time.monotonic()))
+                time.sleep(self.drain_seconds)
+                if self.describe(name, version).get("jobQueueStatus", {}).get("pendingRequests", 0) == 0:
+                    return
+                logger.info("%s v%s received requests while draining: draining again", name, version)
             if time.monotonic() > deadline:
-                raise ManageError(f"{name} v{version} still has queued requests after {timeout:.0f}s", EXIT_FAILED)
+                raise ManageError(f"{name} v{version} still receives requests after {timeout:.0f}s: not "
+                                  "unregistered (stop its clients, or the requests to /predictions/"
+                                  f"{name}/{version})", EXIT_FAILED)
             time.sleep(POLL_INTERVAL_S)
-        for _ in entry.get("workers", []):
-            self.call("PUT", f"/predictions/{name}/{version}", inference=True, data=SENTINEL,
-                      expect=range(200, 600), timeout=max(1.0, deadline - time.monotonic()))
-        time.sleep(self.drain_seconds)
 
     # -- changing state ----------------------------------------------------------------------
     def register(self, file_name: str, name: str, version: str, *, workers: int | None,
