@@ -174,6 +174,7 @@ class TorchServe:
         self.properties.update(overrides or {})
         self.extra_env = env or {}
         self.process: subprocess.Popen | None = None
+        self._unaddressable: set[str] = set()  # registered names outside our rules, warned about once
 
     @property
     def config_path(self) -> Path:
@@ -299,7 +300,9 @@ class TorchServe:
             except ValueError:
                 # Registered through the raw management API (it accepts '../evil'); a name with '/' cannot
                 # even be addressed in a URL. It must not keep the server from starting.
-                logger.warning("model %r: name outside our rules, readiness not checked", name)
+                if name not in self._unaddressable:
+                    self._unaddressable.add(name)
+                    logger.warning("model %r: name outside our rules, readiness not checked", name)
                 continue
             versions = self.management("GET", f"/models/{name}/all")
             if versions.status_code != 200:
@@ -407,9 +410,14 @@ class TorchServe:
                     logger.info("drained in %.1f s%s", time.monotonic() - started, "" if drained else " (incomplete)")
                 except (requests.RequestException, RuntimeError, ValueError, KeyError) as error:
                     logger.warning("drain failed, stopping anyway: %s", error)
-            frontend = [p for p in _group_members(group) if p.name() == "java"]
-            for process in frontend:
-                process.terminate()
+            frontend = []
+            for process in _group_members(group):
+                try:
+                    if process.name() == "java":
+                        process.terminate()
+                        frontend.append(process)
+                except psutil.Error:
+                    continue
             psutil.wait_procs(frontend, timeout=timeout)
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
