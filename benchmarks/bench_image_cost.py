@@ -1,9 +1,10 @@
 """What one image costs a worker's preprocessing (decode, resize, crop): time and peak memory.
 
-    .venv-serve/bin/python benchmarks/bench_image_cost.py
+    .venv/bin/python benchmarks/bench_image_cost.py   # makes the images, measures in .venv-serve
 
-Each case runs in a fresh process of the serving environment (what a worker runs): the figure is the
-best of 3 runs, and the memory is the growth of the process's peak RSS over its peak after importing.
+Each case runs in a fresh process of the serving environment (what a worker runs) on the image's
+bytes: the time is the best of 3 runs, the memory the growth of the process's peak RSS over its
+peak after importing and reading the bytes.
 Cases: a normal photo, thin images at and beyond the aspect-ratio limit (handlers/constants.py
 MAX_ASPECT_RATIO), and the largest accepted images (MAX_IMAGE_PIXELS) as PNG and JPEG.
 """
@@ -11,33 +12,27 @@ MAX_ASPECT_RATIO), and the largest accepted images (MAX_IMAGE_PIXELS) as PNG and
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import subprocess
-import sys
+import tempfile
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 logger = logging.getLogger("bench_image_cost")
 
 MEASURE = r"""
-import io, json, resource, sys, time
-import numpy as np
-from PIL import Image
+import json, resource, sys, time
+from pathlib import Path
 from handlers.backbones import get_backbone
 from handlers.imaging import ImageError, ImagePreprocessor
 
-width, height, fmt = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-rng = np.random.default_rng(0)
-# Smooth content (a gradient plus mild noise) compresses like a photo, not like noise.
-x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
-y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
-pixels = np.clip((x + y) / 2 + 8 * rng.standard_normal((height, width, 3), dtype=np.float32), 0, 255).astype(np.uint8)
-buffer = io.BytesIO()
-Image.fromarray(pixels).save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-data = buffer.getvalue()
-del pixels, buffer
+data = Path(sys.argv[1]).read_bytes()
 preprocessor = ImagePreprocessor(get_backbone("efficientnet_lite0").preprocessing)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 best, outcome = None, None
@@ -51,8 +46,19 @@ for _ in range(3):
     elapsed = time.perf_counter() - start
     best = elapsed if best is None else min(best, elapsed)
 grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
-print(json.dumps({"bytes": len(data), "outcome": outcome, "ms": round(best * 1e3, 1), "peak_mb": round(grown / 1024, 1)}))
+print(json.dumps({"outcome": outcome, "ms": round(best * 1e3, 1), "peak_mb": round(grown / 1024, 1)}))
 """
+
+
+def make_image(width: int, height: int, fmt: str) -> bytes:
+    """Smooth content (a gradient plus mild noise) that compresses like a photo, not like noise."""
+    rng = np.random.default_rng(0)
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
+    pixels = np.clip((x + y) / 2 + 8 * rng.standard_normal((height, width, 3), dtype=np.float32), 0, 255)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
 
 CASES = [
     (640, 480, "JPEG"),      # a small photo
@@ -77,11 +83,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> list[dict]:
     rows = []
     for width, height, fmt in CASES:
-        result = subprocess.run([str(args.python), "-c", MEASURE, str(width), str(height), fmt], capture_output=True,
-                                text=True, timeout=600, cwd=PROJECT_ROOT)
+        with tempfile.NamedTemporaryFile(suffix=f".{fmt.lower()}") as image:
+            data = make_image(width, height, fmt)
+            image.write(data)
+            image.flush()
+            result = subprocess.run([str(args.python), "-c", MEASURE, image.name], capture_output=True, text=True,
+                                    timeout=600, cwd=PROJECT_ROOT)
         if result.returncode != 0:
             raise RuntimeError(f"{width}x{height} {fmt}: {result.stderr[-2000:]}")
-        row = {"image": f"{width}x{height} {fmt}", **json.loads(result.stdout.strip().splitlines()[-1])}
+        row = {"image": f"{width}x{height} {fmt}", "bytes": len(data), **json.loads(result.stdout.strip().splitlines()[-1])}
         logger.info("%-18s %9d bytes  %-12s %7.1f ms  %6.1f MB", row["image"], row["bytes"], row["outcome"],
                     row["ms"], row["peak_mb"])
         rows.append(row)

@@ -211,6 +211,7 @@ def test_sigterm_to_serve_py_under_load_answers_every_request_sent_before_it(eff
         # signal from falling between the start of a request and the end of its writing.
         writing, signalled = threading.Lock(), threading.Event()
         outcomes: list = []  # HTTP status or exception of every request sent before the signal
+        in_flight = [0]  # requests written and not yet answered
 
         def client():
             for _ in range(500):  # bounded; stops at the signal anyway
@@ -221,7 +222,12 @@ def test_sigterm_to_serve_py_under_load_answers_every_request_sent_before_it(eff
                             return
                         connection.request("PUT", "/predictions/efficientnet_lite0", body=photo,
                                            headers={**auth_header(key), "Content-Type": "image/jpeg"})
-                    outcomes.append(connection.getresponse().status)
+                        in_flight[0] += 1
+                    try:
+                        outcomes.append(connection.getresponse().status)
+                    finally:
+                        with writing:
+                            in_flight[0] -= 1
                 except (OSError, http.client.HTTPException) as error:
                     outcomes.append(error)
                 finally:
@@ -230,15 +236,20 @@ def test_sigterm_to_serve_py_under_load_answers_every_request_sent_before_it(eff
         threads = [threading.Thread(target=client) for _ in range(4)]
         for thread in threads:
             thread.start()
-        time.sleep(4)  # steady load: requests queued and in a batch
+        deadline = time.monotonic() + 120
+        while len(outcomes) < 8 and time.monotonic() < deadline:  # steady load: queued and batched requests
+            time.sleep(0.1)
         with writing:
             serve.send_signal(signal.SIGTERM)
             signalled.set()
+            in_flight_at_signal = in_flight[0]
         for thread in threads:
             thread.join(timeout=120)
         assert serve.wait(timeout=120) == 0
         lost = [outcome for outcome in outcomes if outcome != 200]
-        assert len(outcomes) >= 8, outcomes
+        assert in_flight_at_signal >= 1, "no request was in flight at the signal: nothing was tested"
+        logging.getLogger(__name__).info("%d requests in flight at SIGTERM, %d sent in all",
+                                         in_flight_at_signal, len(outcomes))
         assert not lost, f"{len(lost)} of {len(outcomes)} requests sent before SIGTERM not answered 200: {lost}"
         left = [pid for pid in group if psutil.pid_exists(pid)
                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
