@@ -15,6 +15,8 @@ warning, on any difference: slower, never wrong.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,8 +29,23 @@ logger = logging.getLogger(__name__)
 
 
 def _runner(package: Path):
-    # One runner, called from the worker's one inference thread.
-    return torch._C._aoti.AOTIModelPackageLoader(str(package), "model", False, 1, -1)
+    """One runner, called from the worker's one inference thread.
+
+    The C++ loader unpacks the package into ``$TMPDIR/aotinductor_XXXXXX`` (about 16 MB) and removes it
+    only when the runner is destroyed, which a killed or replaced worker never does (31 MB left behind
+    per worker death). Once loaded, the runner needs none of those files (its shared library stays
+    mapped), so they are unpacked into a private folder that is removed at once.
+    """
+    previous = os.environ.get("TMPDIR")
+    with tempfile.TemporaryDirectory(prefix="aoti-unpack-") as private:
+        os.environ["TMPDIR"] = private  # read by the loader (std::filesystem::temp_directory_path)
+        try:
+            return torch._C._aoti.AOTIModelPackageLoader(str(package), "model", False, 1, -1)
+        finally:
+            if previous is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = previous
 
 
 class CompiledFeatures(nn.Module):

@@ -23,3 +23,8 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 
 # Precisions an archive can be built with.
 PRECISIONS = ("fp32", "bf16")
+# Long side / short side. Resizing the short side to RESIZE_SIZE (256) makes an image 256^2 x this
+# ratio pixels whatever its own size: a 1x20000 PNG (165 bytes, far below the megapixel limit) would
+# become 256x5,120,000 (13.7 s, 5.5 GB). At 32 the resized image is at most 256x8192 (2.1 MP, 6 MB
+# as RGB, a few ms), and wide panoramas (up to 32:1) still pass.
+MAX_ASPECT_RATIO = 32

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from handlers.backbones import Preprocessing
-from handlers.constants import ACCEPTED_FORMATS, MAX_IMAGE_PIXELS
+from handlers.constants import ACCEPTED_FORMATS, MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, RESIZE_SIZE
 
 # Never hand the model a silently half-grey picture: a truncated file is an error.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -35,7 +35,8 @@ def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
     least ``min_side`` pixels: the later resize to ``min_side`` sees nearly the same picture.
 
     Raises ImageError for empty input, non-images (415), unsupported formats (415), truncated or
-    corrupt files (400) and decompression bombs (413).
+    corrupt files (400), decompression bombs (413) and images thinner than MAX_ASPECT_RATIO (413:
+    tiny files that resizing would blow up), all from the header, before any pixel is decoded.
     """
     if not data:
         raise ImageError("empty request body: send the image bytes (curl -T photo.jpg URL)")
@@ -70,6 +71,14 @@ def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
         )
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        # Few pixels, but resizing the short side to the model's size would make it enormous.
+        raise ImageError(
+            f"image of {width}x{height} exceeds the aspect ratio limit of {MAX_ASPECT_RATIO}:1 "
+            f"(resizing its short side to the model input would make it "
+            f"{max(width, height) / min(width, height) * RESIZE_SIZE / 1e3:.0f}k pixels long)",
+            status=413,
+        )
 
     if min_side and image.format == "JPEG":
         # Orientation may swap the sides, but draft() keeps *both* sides >= min_side, so it is safe.

@@ -8,6 +8,7 @@ handler. ``handlers.recognizer.load_recognizer`` reads the same files back.
 from __future__ import annotations
 
 import json
+import os
 import logging
 import shutil
 import subprocess
@@ -164,7 +165,12 @@ def write_check_images(folder: Path, check_images: list[tuple[Path, str]]) -> li
 
 
 def _run_model_archiver(name: str, version: str, stage: Path) -> None:
-    """torch-model-archiver writes ``stage/<name>.mar``; the caller moves it to its final name."""
+    """torch-model-archiver writes ``stage/<name>.mar``; the caller moves it to its final name.
+
+    It collects the files in ``$TMPDIR/<name>``, deleting whatever was there first and after: run it
+    with a temp dir of its own inside the private stage, so it never touches the user's ``/tmp/<name>``
+    nor a concurrent build of the same name.
+    """
     command = [
         sys.executable, "-m", "model_archiver.model_packaging",
         "--model-name", name,
@@ -176,6 +182,9 @@ def _run_model_archiver(name: str, version: str, stage: Path) -> None:
         "--export-path", str(stage),
         "--archive-format", "default",
     ]
-    result = subprocess.run(command, capture_output=True, text=True)
+    private_tmp = stage / "archiver-tmp"
+    private_tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(private_tmp), "TEMP": str(private_tmp), "TMP": str(private_tmp)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"torch-model-archiver failed ({result.returncode}): {result.stderr.strip()}")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import filecmp
 import json
 import logging
-import re
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -38,9 +37,17 @@ from handlers.constants import VERSION_HEADER
 from handlers.layout import MAR_MANIFEST_FILE, ArchiveContents
 from imagerec.cli import EXIT_BAD_ARGUMENTS, EXIT_FAILED
 from imagerec.files import atomic_write
-from imagerec.naming import archive_file_name, validate_name, validate_version
+from imagerec.naming import archive_file_name, validate_name, validate_version, version_key
 from imagerec.paths import DEFAULT_RUNTIME_DIR, PROJECT_ROOT, SHIPPED_CONFIG
-from imagerec.torchserve import KEY_FILE_NAME, auth_header, install_archive, read_keys, read_properties
+from imagerec.torchserve import (
+    DRAIN_GRACE_S,
+    KEY_FILE_NAME,
+    SENTINEL,
+    auth_header,
+    install_archive,
+    read_keys,
+    read_properties,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +67,6 @@ EXIT_CHECK_FAILED = 5
 DEFAULT_MIN_ACCURACY = 0.6
 REQUEST_TIMEOUT_S = 30.0  # any single management/inference call that does not wait for workers
 POLL_INTERVAL_S = 0.25
-# After a version's queue is empty: time for a batch a worker already took to finish. TorchServe
-# does not report busy workers, so this is a bound, not an observation: a batch running longer
-# when the version is retired is cut. The version's responseTimeout is the strict bound (TorchServe
-# fails a longer batch itself); under 8 clients on 2 busy cores batches took up to ~4 s.
-DRAIN_GRACE_S = 10.0
-SENTINEL = b"drain-check: not an image"  # answered with a 4xx by the handler, after the queued jobs
 
 
 class ManageError(Exception):
@@ -74,11 +75,6 @@ class ManageError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_FAILED):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def version_key(version: str) -> tuple:
-    """Natural order: 2 < 2-r1 < 10; numbers compare as numbers."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.findall(r"\d+|\D+", version))
 
 
 @dataclass
@@ -229,19 +225,26 @@ class Client:
         TorchServe reports the jobs still queued (jobQueueStatus.pendingRequests) but not the batch a
         worker is running, so after the queue is empty one sentinel request per worker goes through the
         same queue (FIFO), and then ``drain_seconds`` cover a batch another worker may still run.
+        Requests can still reach the version by its own URL (/predictions/NAME/VERSION): it is idle only
+        if its queue is still empty after all that; otherwise the drain starts over, until ``timeout``
+        (then ManageError: the caller must not unregister it).
         """
         deadline = time.monotonic() + timeout
         while True:
             entry = self.describe(name, version)
             if entry.get("jobQueueStatus", {}).get("pendingRequests", 0) == 0:
-                break
+                for _ in entry.get("workers", []):
+                    self.call("PUT", f"/predictions/{name}/{version}", inference=True, data=SENTINEL,
+                              expect=range(200, 600), timeout=max(1.0, deadline - time.monotonic()))
+                time.sleep(self.drain_seconds)
+                if self.describe(name, version).get("jobQueueStatus", {}).get("pendingRequests", 0) == 0:
+                    return
+                logger.info("%s v%s received requests while draining: draining again", name, version)
             if time.monotonic() > deadline:
-                raise ManageError(f"{name} v{version} still has queued requests after {timeout:.0f}s", EXIT_FAILED)
+                raise ManageError(f"{name} v{version} still receives requests after {timeout:.0f}s: not "
+                                  "unregistered (stop its clients, or the requests to /predictions/"
+                                  f"{name}/{version})", EXIT_FAILED)
             time.sleep(POLL_INTERVAL_S)
-        for _ in entry.get("workers", []):
-            self.call("PUT", f"/predictions/{name}/{version}", inference=True, data=SENTINEL,
-                      expect=range(200, 600), timeout=max(1.0, deadline - time.monotonic()))
-        time.sleep(self.drain_seconds)
 
     # -- changing state ----------------------------------------------------------------------
     def register(self, file_name: str, name: str, version: str, *, workers: int | None,
@@ -553,8 +556,17 @@ def scale(client: Client, name: str, version: str | None, workers: int, *, in_pl
 
 
 def overview(client: Client, names: list[str] | None = None) -> list[dict]:
+    """One row per model. A registered name outside our rules (the raw management API accepts '../evil')
+    is listed with ``refused_name`` instead of its versions: such a name cannot be addressed safely."""
     rows = []
     for name in names if names is not None else client.model_names():
+        if names is None:
+            try:
+                validate_name(name)
+            except ValueError as refusal:
+                logger.warning("model %r: %s (restart the server to drop it; docs/OPERATIONS.md)", name, refusal)
+                rows.append({"name": name, "refused_name": str(refusal), "versions": []})
+                continue
         entries = client.versions(validate_name(name))
         if not entries:
             raise ManageError(f"no model named {name!r} is registered", EXIT_REFUSED)

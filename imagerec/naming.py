@@ -25,3 +25,8 @@ def validate_version(version: str) -> str:
 def archive_file_name(name: str, version: str) -> str:
     """``resnet18_v1.0.mar``: one file per version, so versions coexist in one model store."""
     return f"{validate_name(name)}_v{validate_version(version)}.mar"
+
+
+def version_key(version: str) -> tuple:
+    """Natural order of versions: 2 < 2-r1 < 10 (numbers compare as numbers, not as text: v9 < v10)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.findall(r"\d+|\D+", version))

@@ -24,6 +24,7 @@ import psutil
 import requests
 
 from imagerec.files import atomic_copy
+from imagerec.naming import validate_name, version_key
 from imagerec.paths import PROJECT_ROOT, SHIPPED_CONFIG
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,15 @@ DEFAULT_TIMEOUT_S = 30.0
 # (requirements-serve.txt says why). The variable points the tools at another such environment.
 SERVE_VENV_VAR = "IMAGEREC_SERVE_VENV"
 DEFAULT_SERVE_VENV = PROJECT_ROOT / ".venv-serve"
+# A stop first answers the requests already accepted (TorchServe.drain), for at most this long.
+DEFAULT_DRAIN_TIMEOUT_S = 60.0
+# Draining a version: after its queue is empty, one sentinel per worker goes through the same queue
+# (FIFO) and is answered with a 4xx by the handler at once; with one worker its answer means every
+# batch before it is answered. TorchServe does not report busy workers, so with more workers the
+# grace below covers a batch another worker may still run: a bound, not an observation (under 8
+# clients on 2 busy cores batches took up to ~4 s; a version's responseTimeout is the strict bound).
+SENTINEL = b"drain-check: not an image"
+DRAIN_GRACE_S = 10.0
 
 
 def torchserve_executable() -> Path:
@@ -106,6 +116,18 @@ def auth_header(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+def port_taken(address: str) -> bool:
+    """True if something already listens on ``host:port`` (a socket lingering after a stop does not count)."""
+    host, _, port = address.removeprefix("http://").removeprefix("https://").rpartition(":")
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, int(port)))
+        except OSError:
+            return True
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -150,6 +172,7 @@ class TorchServe:
         self.properties.update(overrides or {})
         self.extra_env = env or {}
         self.process: subprocess.Popen | None = None
+        self._unaddressable: set[str] = set()  # registered names outside our rules, warned about once
 
     @property
     def config_path(self) -> Path:
@@ -168,6 +191,17 @@ class TorchServe:
         """Where TorchServe writes a snapshot after every registration change (when snapshots are on)."""
         return self.log_dir / "config"
 
+    def addresses(self) -> dict[str, str]:
+        """Every address TorchServe will listen on, by property name."""
+        grpc_host = {api: self.properties.get(f"grpc_{api}_address", "127.0.0.1") for api in ("inference", "management")}
+        return {
+            "inference_address": self.inference_url,
+            "management_address": self.management_url,
+            "metrics_address": self.metrics_url,
+            **{f"grpc_{api}_port": f"{grpc_host[api]}:{self.properties[f'grpc_{api}_port']}"
+               for api in ("inference", "management") if f"grpc_{api}_port" in self.properties},
+        }
+
     def start(self, timeout: float = 120.0, snapshots: bool = False, restore: bool = False) -> "TorchServe":
         """Start and wait until the server answers and every loaded model has a ready worker.
 
@@ -175,6 +209,11 @@ class TorchServe:
         restore: (implies snapshots) bring back the models, versions, workers and default versions of
         the latest snapshot; ``models`` not in it are registered as well.
         """
+        # TorchServe that cannot bind a port stops with exit code 0 and no word about it: check first.
+        taken = [f"{address} ({key})" for key, address in self.addresses().items() if port_taken(address)]
+        if taken:
+            raise RuntimeError(f"cannot start TorchServe: {', '.join(taken)} already in use (another TorchServe? "
+                               "stop it, or choose other ports)")
         (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
         self.model_store.mkdir(parents=True, exist_ok=True)
         properties = dict(self.properties)
@@ -248,11 +287,25 @@ class TorchServe:
         raise TimeoutError(f"TorchServe not ready after {timeout:.0f}s; see {self.log_dir}")
 
     def _models_ready(self) -> bool:
+        """True once every registered version of every model we can address has a READY worker."""
         response = self.management("GET", "/models")
         if response.status_code != 200:
             return False
         for model in response.json().get("models", []):
-            for version in self.management("GET", f"/models/{model['modelName']}/all").json():
+            name = model["modelName"]
+            try:
+                validate_name(name)
+            except ValueError:
+                # Registered through the raw management API (it accepts '../evil'); a name with '/' cannot
+                # even be addressed in a URL. It must not keep the server from starting.
+                if name not in self._unaddressable:
+                    self._unaddressable.add(name)
+                    logger.warning("model %r: name outside our rules, readiness not checked", name)
+                continue
+            versions = self.management("GET", f"/models/{name}/all")
+            if versions.status_code != 200:
+                return False
+            for version in versions.json():
                 if not any(w.get("status") == "READY" for w in version.get("workers", [])):
                     return False
         return True
@@ -277,12 +330,93 @@ class TorchServe:
         path = f"/models/{model}" + (f"/{version}" if version else "")
         return [w["pid"] for entry in self.management("GET", path).json() for w in entry.get("workers", [])]
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop the frontend and all workers, and wait until every one of them has exited."""
+    def versions(self) -> list[dict]:
+        """Describe entries of every registered version of every model whose name we can address."""
+        entries = []
+        for model in self.management("GET", "/models", params={"limit": 1000}).json().get("models", []):
+            try:
+                name = validate_name(model["modelName"])
+            except ValueError:
+                continue  # a name outside our rules (see _models_ready): nothing we can address
+            response = self.management("GET", f"/models/{name}/all")
+            if response.status_code == 200:
+                entries += response.json()
+        return entries
+
+    def refuse_new_requests(self) -> None:
+        """From now on every new inference request is answered at once (HTTP 400, token authorization
+        failed) instead of being queued; the requests already accepted are not affected.
+
+        TorchServe 0.12 has no switch to stop taking requests without closing connections (its own
+        SIGTERM handling closes every connection, queued and running requests included), so this
+        replaces the inference key (POST /token?type=inference; key_file.json gets the new one).
+        """
+        response = requests.post(self.management_url + "/token", params={"type": "inference"},
+                                 headers=auth_header(self.keys["API"]), timeout=DEFAULT_TIMEOUT_S)
+        if response.status_code != 200:
+            raise RuntimeError(f"cannot stop taking requests: HTTP {response.status_code} {response.text.strip()}")
+
+    def drain(self, timeout: float = DEFAULT_DRAIN_TIMEOUT_S, grace: float = DRAIN_GRACE_S) -> bool:
+        """Take no new request and answer every accepted one; True if done within ``timeout``.
+
+        New requests are refused at once (``refuse_new_requests``); then every version's queue
+        (jobQueueStatus.pendingRequests) is waited empty, a SENTINEL per worker goes through it, and
+        versions with more than one worker get ``grace`` seconds more (see SENTINEL).
+        """
+        deadline = time.monotonic() + timeout
+        self.refuse_new_requests()
+        inference_key = self.keys["inference"]
+        busy = self.versions()
+        while busy and time.monotonic() < deadline:
+            idle = [e for e in busy if e.get("jobQueueStatus", {}).get("pendingRequests", 0) == 0]
+            for entry in idle:
+                path = f"/predictions/{entry['modelName']}/{entry['modelVersion']}"
+                for _ in entry.get("workers", []):
+                    try:
+                        requests.put(self.inference_url + path, data=SENTINEL, headers=auth_header(inference_key),
+                                     timeout=max(1.0, deadline - time.monotonic()))
+                    except requests.RequestException as error:
+                        logger.warning("drain: sentinel to %s failed: %s", path, error)
+            if any(len(e.get("workers", [])) > 1 for e in idle):
+                time.sleep(max(0.0, min(grace, deadline - time.monotonic())))
+            still_queued = {(e["modelName"], e["modelVersion"]) for e in busy if e not in idle}
+            if still_queued:
+                time.sleep(0.2)
+                busy = [e for e in self.versions() if (e["modelName"], e["modelVersion"]) in still_queued]
+            else:
+                busy = []
+        if busy:
+            logger.warning("drain: requests still queued after %.0f s: %s", timeout,
+                           ", ".join(f"{e['modelName']} v{e['modelVersion']}" for e in busy))
+        return not busy
+
+    def stop(self, timeout: float = 30.0, drain_timeout: float = 0.0) -> None:
+        """Stop the frontend and all workers, and wait until every one of them has exited.
+
+        drain_timeout > 0: first answer every request already accepted, taking no new one (``drain``),
+        for at most that long. Then the Java frontend stops first (it closes its ports, writes its
+        shutdown snapshot and stops its workers); whatever of the group is left is terminated after.
+        """
         if self.process is None:
             return
         group = self.process.pid
         try:
+            if drain_timeout > 0 and self.process.poll() is None:
+                started = time.monotonic()
+                try:
+                    drained = self.drain(drain_timeout)
+                    logger.info("drained in %.1f s%s", time.monotonic() - started, "" if drained else " (incomplete)")
+                except (requests.RequestException, RuntimeError, ValueError, KeyError) as error:
+                    logger.warning("drain failed, stopping anyway: %s", error)
+            frontend = []
+            for process in _group_members(group):
+                try:
+                    if process.name() == "java":
+                        process.terminate()
+                        frontend.append(process)
+                except psutil.Error:
+                    continue
+            psutil.wait_procs(frontend, timeout=timeout)
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
                     os.killpg(group, sig)
@@ -326,8 +460,11 @@ def _wait_group_gone(group: int, timeout: float) -> bool:
 def latest_snapshot(snapshot_dir: str | Path, model_store: str | Path | None = None) -> dict | None:
     """The model_snapshot of TorchServe's newest snapshot file, or None if there is none.
 
+    Models whose name our rules refuse (imagerec/naming.py; TorchServe's management API accepts names
+    such as '../evil') are dropped with a warning naming them: restoring them would stop every start.
     Versions whose archive is no longer in ``model_store`` are dropped (TorchServe would refuse to
-    start on them); a model left without versions is dropped entirely.
+    start on them); a model left without versions is dropped entirely, and one left without a default
+    gets its highest version (natural order, ``version_key``) as the default.
     """
     files = sorted(Path(snapshot_dir).glob("*.cfg"), key=lambda p: (p.stat().st_mtime, p.name))
     for path in reversed(files):
@@ -335,6 +472,12 @@ def latest_snapshot(snapshot_dir: str | Path, model_store: str | Path | None = N
         if raw is None:
             continue
         snapshot = json.loads(raw)
+        for name in list(snapshot.get("models", {})):
+            try:
+                validate_name(name)
+            except ValueError as refusal:
+                logger.warning("snapshot %s: model %r not restored: %s", path.name, name, refusal)
+                del snapshot["models"][name]
         if model_store is not None:
             for name, versions in list(snapshot.get("models", {}).items()):
                 for version, entry in list(versions.items()):
@@ -345,8 +488,8 @@ def latest_snapshot(snapshot_dir: str | Path, model_store: str | Path | None = N
                 if not versions:
                     del snapshot["models"][name]
                 elif not any(v.get("defaultVersion") for v in versions.values()):
-                    max(versions.values(), key=lambda v: v["marName"])["defaultVersion"] = True
-            snapshot["modelCount"] = len(snapshot["models"])
+                    versions[max(versions, key=version_key)]["defaultVersion"] = True
+        snapshot["modelCount"] = len(snapshot.get("models", {}))
         return snapshot if snapshot.get("models") else None
     return None
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from imagerec.cli import EXIT_BAD_ARGUMENTS, EXIT_FAILED, run_cli
 from imagerec.naming import archive_file_name
 from imagerec.paths import DEFAULT_MODEL_STORE, DEFAULT_RUNTIME_DIR
-from imagerec.torchserve import TorchServe, shipped_ports
+from imagerec.torchserve import DEFAULT_DRAIN_TIMEOUT_S, TorchServe, shipped_ports
 
 # Keep this process light (it stays alive beside TorchServe): torch is imported only by the
 # build_archive.py subprocess.
@@ -39,6 +39,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-store", type=Path, default=DEFAULT_MODEL_STORE, help="TorchServe model store")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_RUNTIME_DIR,
                         help="TorchServe's working directory (key_file.json, logs)")
+    parser.add_argument("--free-ports", action="store_true",
+                        help="listen on free loopback ports instead of config.properties' (8080-8082, gRPC "
+                             "7070-7071): for side-by-side servers and tests; the ports are logged and written "
+                             "to <workdir>/config.properties")
+    parser.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
+                        help="on SIGTERM or Ctrl-C: seconds to finish the requests already accepted before "
+                             "stopping (new ones are refused meanwhile); 0 stops at once")
     parser.add_argument("--restore", action=argparse.BooleanOptionalAction, default=True,
                         help="bring back the models and default versions registered before the last stop "
                              "(TorchServe snapshots in <workdir>/logs/config; recorded either way)")
@@ -50,6 +57,8 @@ def _interrupt(signum, frame):
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.drain_timeout < 0:
+        raise ValueError("--drain-timeout cannot be negative")
     archive = args.model_store / archive_file_name(args.backbone, args.version)
     if not archive.exists():
         logger.info("%s not found: building it", archive)
@@ -62,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
         model_store=args.model_store,
         workdir=args.workdir,
         models=f"{args.backbone}={archive.name}",
-        ports=shipped_ports(),
+        ports=None if args.free_ports else shipped_ports(),
     )
     # Ctrl-C or a service manager's SIGTERM: stop TorchServe and its workers with us.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -74,8 +83,12 @@ def main(args: argparse.Namespace) -> int:
     try:
         return server.process.wait()
     except KeyboardInterrupt:
-        logger.info("stopping TorchServe")
-        server.stop()
+        # The stop is bounded (--drain-timeout, then the processes): a second signal must not cut it short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        logger.info("stopping TorchServe: refusing new requests, answering the accepted ones (at most %.0f s)",
+                    args.drain_timeout)
+        server.stop(drain_timeout=args.drain_timeout)
         return 0
 
 

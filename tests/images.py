@@ -88,3 +88,8 @@ def phone_photo(max_bytes: int = 20 * 1024 * 1024) -> bytes:
         if len(data) <= max_bytes:
             return data
     raise AssertionError("could not make a phone-sized JPEG under the limit")
+
+
+def thin_png(width: int = 1, height: int = 20_000) -> bytes:
+    """A real, tiny PNG (about 165 bytes) of a 1-pixel-wide strip: few pixels, extreme aspect ratio."""
+    return encode(Image.new("RGB", (width, height), (128, 64, 32)), "PNG")

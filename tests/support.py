@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from imagerec.paths import PROJECT_ROOT
 
@@ -16,8 +19,10 @@ def run_build(*args, env=None) -> subprocess.CompletedProcess:
 
 
 def make_subset(datasets_dir, root, classes=("ants", "bees"), train=8, val=4, layout="folders", dataset="hymenoptera"):
-    """A small ImageFolder of symlinks to shared photos (never copies): ``layout`` "train/val" gives
-    ``root/train/<class>`` and ``root/val/<class>``, "folders" gives ``root/<class>`` with train+val photos."""
+    """A small ImageFolder of the shared photos in a temporary folder: ``layout`` "train/val" gives
+    ``root/train/<class>`` and ``root/val/<class>``, "folders" gives ``root/<class>`` with train+val
+    photos. Hard links where the file system allows, else copies (never symbolic links: those leave
+    the data folder, which load_dataset skips)."""
     for cls in classes:
         source = sorted((datasets_dir / dataset / "train" / cls).iterdir())
         held = sorted((datasets_dir / dataset / "val" / cls).iterdir())[:val]
@@ -26,5 +31,12 @@ def make_subset(datasets_dir, root, classes=("ants", "bees"), train=8, val=4, la
             folder = root / split / cls if split else root / cls
             folder.mkdir(parents=True, exist_ok=True)
             for photo in photos:
-                (folder / photo.name).symlink_to(photo)
+                link_or_copy(photo, folder / photo.name)
     return root
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed: a copy in the test's temporary folder
+        shutil.copyfile(source, target)

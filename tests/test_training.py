@@ -142,3 +142,34 @@ def test_train_head_writes_archive_report_and_reuses_cache(datasets_dir, tmp_pat
                            "--key-file", str(tmp_path / "no-server" / "key_file.json")])
     assert code == EXIT_UNREACHABLE
     assert (out / "bees_ants_v3.mar").is_file()
+
+
+# ---------------------------------------------------------------- data folders with surprises (issue 9)
+
+def test_a_class_with_a_single_photo_trains_with_a_warning(datasets_dir, tmp_path, caplog):
+    data = make_subset(datasets_dir, tmp_path / "data", classes=("ants", "bees"), train=6, val=0)
+    for extra in sorted((data / "bees").iterdir())[1:]:
+        extra.unlink()
+    with caplog.at_level(logging.WARNING):
+        dataset = load_dataset(data)
+    assert dataset.counts("val")["bees"] == 0
+    assert any("bees" in r.getMessage() and "no validation photo" in r.getMessage() for r in caplog.records)
+
+
+def test_links_that_leave_the_data_folder_are_skipped_and_named(datasets_dir, tmp_path, caplog):
+    data = make_subset(datasets_dir, tmp_path / "data", classes=("ants", "bees"), train=4, val=0)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:the first bytes of a private file")
+    outside_photo = sorted((datasets_dir / "hymenoptera" / "val" / "ants").iterdir())[-1]
+    (data / "ants" / "passwd.jpg").symlink_to(secret)
+    (data / "ants" / "elsewhere.jpg").symlink_to(outside_photo)
+    (data / "bees" / "inside.jpg").symlink_to(sorted((data / "bees").iterdir())[0])  # stays inside: kept
+    with caplog.at_level(logging.WARNING):
+        dataset = load_dataset(data)
+    used = {sample.path.name for sample in dataset.train + dataset.val}
+    assert "elsewhere.jpg" not in used and "passwd.jpg" not in used and "inside.jpg" in used
+    assert "root:x" not in caplog.text
+    for name in ("passwd.jpg", "elsewhere.jpg"):
+        assert any(name in r.getMessage() and "outside the data folder" in r.getMessage() for r in caplog.records)
+    followed = load_dataset(data, follow_links=True)
+    assert "elsewhere.jpg" in {sample.path.name for sample in followed.train + followed.val}

@@ -93,8 +93,18 @@ def check_class_names(names: list[str], where: Path) -> None:
         seen[key] = name
 
 
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+def _files(folder: Path, root: Path, follow_links: bool = False) -> list[Path]:
+    """The files of a class folder, hidden ones excepted. A symbolic link that leads outside the data
+    folder ``root`` is skipped with a warning unless ``follow_links``: a downloaded data folder could
+    otherwise bring any readable file (/etc/passwd, private photos) into the logs and the archive."""
+    inside = root.resolve()
+    files = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if not follow_links and not path.resolve().is_relative_to(inside):
+            logger.warning("skipping %s: a link outside the data folder %s (--follow-links to use it)", path, root)
+            continue
+        files.append(path)
+    return files
 
 
 def _probe(path: Path) -> tuple[str | None, str | None]:
@@ -110,13 +120,14 @@ def _probe(path: Path) -> tuple[str | None, str | None]:
     return hashlib.sha256(data).hexdigest(), None
 
 
-def _scan(folders: dict[str, Path], classes: list[str], unreadable: list) -> dict[str, list[tuple[Path, str]]]:
+def _scan(folders: dict[str, Path], classes: list[str], unreadable: list, root: Path,
+          follow_links: bool = False) -> dict[str, list[tuple[Path, str]]]:
     """Readable (path, sha256) pairs per class; unreadable files go to ``unreadable``."""
     found = {}
     for name in classes:
         folder = folders[name]
         readable = []
-        for path in _files(folder):
+        for path in _files(folder, root, follow_links):
             digest, reason = _probe(path)
             if digest is None:
                 unreadable.append((path, reason))
@@ -148,8 +159,11 @@ def stratified_split(
     return train, val
 
 
-def load_dataset(data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """Check and list a data folder (see the module docstring); raises DataError."""
+def load_dataset(data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0, follow_links: bool = False) -> Dataset:
+    """Check and list a data folder (see the module docstring); raises DataError.
+
+    follow_links: also use files that symbolic links bring from outside the data folder (skipped by default).
+    """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"validation fraction must be between 0 and 1, got {val_fraction}")
     root = Path(data_dir).expanduser()
@@ -167,10 +181,10 @@ def load_dataset(data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0)
         extra = sorted(set(val_classes) - set(classes))
         if extra:
             raise DataError(f"{val_root} has class folder(s) {', '.join(extra)} that {train_root} does not have")
-        train_found = _scan({c: train_root / c for c in classes}, classes, unreadable)
+        train_found = _scan({c: train_root / c for c in classes}, classes, unreadable, root, follow_links)
         _require_images(train_found, train_root)
         if val_classes:
-            val_found = _scan({c: val_root / c for c in val_classes}, val_classes, unreadable)
+            val_found = _scan({c: val_root / c for c in val_classes}, val_classes, unreadable, root, follow_links)
             val_found = {c: val_found.get(c, []) for c in classes}
             layout = "train/val"
         else:
@@ -183,7 +197,7 @@ def load_dataset(data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0)
                            len(loose), root, ", ".join(sorted(loose)[:10]) + (" ..." if len(loose) > 10 else ""))
         classes = [p.name for p in class_folders(root)]
         check_class_names(classes, root)
-        found = _scan({c: root / c for c in classes}, classes, unreadable)
+        found = _scan({c: root / c for c in classes}, classes, unreadable, root, follow_links)
         _require_images(found, root)
         train_found, val_found = stratified_split(found, val_fraction, seed)
         layout = f"class folders (held out {val_fraction:.0%} of each class for validation, seed {seed})"
@@ -198,6 +212,10 @@ def load_dataset(data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0)
         logger.warning("skipped %d unreadable file(s) (listed above)", len(unreadable))
     logger.info("data %s: %d classes, %d train / %d val images; layout: %s",
                 root, len(classes), len(dataset.train), len(dataset.val), layout)
+    without_val = [name for name, count in dataset.counts("val").items() if count == 0]
+    if without_val:
+        logger.warning("class(es) %s have no validation photo (a class needs at least 2 photos to hold one out, "
+                       "or photos in val/): their accuracy is not measured", ", ".join(map(repr, without_val)))
     if "held out" in layout:
         logger.info("no val/ folder: a seeded, stratified split held out part of each class for validation "
                     "(--val-fraction, --seed); per class val counts: %s", dataset.counts("val"))

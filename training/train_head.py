@@ -63,6 +63,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--val-fraction", type=float, default=0.2,
                       help="part of each class held out for validation when DATA_DIR has no val/ folder")
     data.add_argument("--seed", type=int, default=0, help="seed of the split, the augmentations and the head fit")
+    data.add_argument("--follow-links", action="store_true",
+                      help="use files that symbolic links bring from outside DATA_DIR (skipped by default: a "
+                           "link can bring in any file you can read)")
     data.add_argument("--check-images", type=int, default=2,
                       help="validation images per class packed into the archive for deployment checks")
 
@@ -203,7 +206,8 @@ def main(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     backbone = get_backbone(args.backbone)
     weights = backbone.resolve_weights(args.weights)
-    dataset = load_dataset(args.data_dir, val_fraction=args.val_fraction, seed=args.seed)
+    dataset = load_dataset(args.data_dir, val_fraction=args.val_fraction, seed=args.seed,
+                           follow_links=args.follow_links)
     timings = {"check_data": time.perf_counter() - started}
 
     tick = time.perf_counter()
