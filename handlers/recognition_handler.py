@@ -24,11 +24,11 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers.archive import BatchingConfig
-from handlers.constants import TOP_K, VERSION_HEADER
+from handlers.constants import KEEP_HEADER, TOP_K, UNKNOWN_LABEL, VERSION_HEADER
 from handlers.imaging import ImageError, ImagePreprocessor
 from handlers.payload import Batch, RequestError, request_bytes
 from handlers.recognizer import load_recognizer
-from handlers.rejection import KEEP_HEADER, UNKNOWN_LABEL, validate_keep
+from handlers.rejection import validate_keep
 
 logger = logging.getLogger(__name__)
 

@@ -17,11 +17,14 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from handlers.heads import LinearHead, build_head
+from handlers.heads import build_head
 
 logger = logging.getLogger(__name__)
 
 POWERS = (1.0, 0.5)  # no transform; square root (Hu et al. 2021)
+# The linear head's strengths searched (a subset of LinearHead.WEIGHT_DECAYS: each costs one fit per
+# fold; neighbouring strengths measured within noise of each other).
+WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2)
 # Two candidates closer than this in cross-validated accuracy are a tie (a fold of 20 photos moves
 # accuracy in steps of 0.05; the log-loss then decides).
 TIE = 0.005
@@ -49,11 +52,12 @@ class Candidate:
 
 
 def candidates(has_views: bool) -> list[Candidate]:
-    """The search space, simplest first (the order breaks exact ties)."""
+    """The search space, simplest first (the order breaks exact ties). The linear head trains on
+    augmented views when there are any (they help it; they slightly hurt class means:
+    docs/BENCHMARKS.md), the prototype head on the plain views."""
     found = [Candidate("prototype", power) for power in POWERS]
     for power in POWERS:
-        for views in ((False, True) if has_views else (False,)):
-            found += [Candidate("linear", power, views, wd) for wd in LinearHead.WEIGHT_DECAYS]
+        found += [Candidate("linear", power, has_views, wd) for wd in WEIGHT_DECAYS]
     return found
 
 
