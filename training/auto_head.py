@@ -109,12 +109,13 @@ def cross_validate(candidate: Candidate, plain: torch.Tensor, augmented: torch.T
 
 
 def choose_head(plain: torch.Tensor, augmented: torch.Tensor | None, labels: torch.Tensor, num_classes: int,
-                seed: int = 0) -> tuple[Candidate, dict]:
+                seed: int = 0, space: list[Candidate] | None = None) -> tuple[Candidate, dict]:
     """The best candidate by cross-validation on the training photos, and a report of every score.
 
     ``plain`` (N, D): each training photo's plain-view features; ``augmented`` (N, V, D) or None;
-    ``labels`` (N,) in [0, C). With a single photo in some class nothing can be held out: the
-    prototype head is chosen (at one shot it matches the linear head, docs/BENCHMARKS.md)."""
+    ``labels`` (N,) in [0, C); ``space``: the candidates (default ``candidates()``). With a single
+    photo in some class nothing can be held out: the prototype head is chosen (at one shot it
+    matches the linear head, docs/BENCHMARKS.md)."""
     smallest = int(torch.bincount(labels, minlength=num_classes).min())
     n_folds = min(MAX_FOLDS, smallest)
     if n_folds < 2:
@@ -124,7 +125,7 @@ def choose_head(plain: torch.Tensor, augmented: torch.Tensor | None, labels: tor
     folds = stratified_folds(labels, n_folds, seed)
     scores = {}
     best, best_score = None, None
-    for candidate in candidates(augmented is not None and augmented.shape[1] > 0):
+    for candidate in space or candidates(augmented is not None and augmented.shape[1] > 0):
         score = cross_validate(candidate, plain, augmented, labels, num_classes, folds, seed)
         scores[candidate.describe()] = {k: round(v, 4) for k, v in score.items()}
         if best is None or score["accuracy"] > best_score["accuracy"] + TIE or (

@@ -264,6 +264,18 @@ def openset_metrics(head: FeatureHead, features: dict, unknown: torch.Tensor | N
     return result
 
 
+def log_openset(openset: dict, rule: dict) -> None:
+    text = f"rejection rule ({rule['score']}, keep {rule['keep']:g}): threshold {rule['threshold']:.4f}"
+    if "known_kept" in openset:
+        text += f"; keeps {openset['known_kept']:.3f} of the validation photos"
+        if openset.get("accuracy_on_kept") is not None:
+            text += f" (accuracy on those {openset['accuracy_on_kept']:.3f})"
+    if "auroc" in openset:
+        text += (f"; {openset['unknown_photos']} unknown photos: {openset['unknown_rejected']:.3f} rejected, "
+                 f"AUROC {openset['auroc']:.3f}, FPR@95 {openset['fpr_at_95']:.3f}")
+    logger.info("%s", text)
+
+
 def pick_check_images(dataset: Dataset, per_class: int) -> list[tuple[Path, str]]:
     """Up to ``per_class`` validation images per class (training images for a class without any)."""
     chosen = []
@@ -317,7 +329,7 @@ def main(args: argparse.Namespace) -> Path:
     openset = openset_metrics(head, features, unknown, probabilities if metrics else None)
     if metrics is not None:
         metrics["openset"] = openset
-    logger.info("rejection rule (%s): %s", fit_summary["rejection"]["score"], json.dumps(openset))
+    log_openset(openset, fit_summary["rejection"])
 
     tick = time.perf_counter()
     info = {
