@@ -94,7 +94,9 @@ class KnnRejection(nn.Module):
         self.calibration = loo.sort().values
         self.keep = torch.tensor(keep)
         self.threshold = torch.tensor(self.threshold_for(keep))
-        return {"score": self.kind, "keep": keep, "threshold": round(float(self.threshold), 6),
+        threshold = float(self.threshold)
+        # None, not -inf, when nothing is rejected: manifests are strict JSON (no -Infinity).
+        return {"score": self.kind, "keep": keep, "threshold": round(threshold, 6) if math.isfinite(threshold) else None,
                 "calibration_photos": int(self.calibration.numel()), "bank_rows": int(self.bank.shape[0])}
 
     def threshold_for(self, keep: float) -> float:

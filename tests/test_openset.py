@@ -176,3 +176,12 @@ def test_auto_prefers_the_linear_head_where_only_a_learned_boundary_separates_th
     assert choice.kind == "linear", report["cross_validated"]
     prototype_best = max(v["accuracy"] for k, v in report["cross_validated"].items() if k.startswith("prototype"))
     assert report["chosen_score"]["accuracy"] >= prototype_best + 0.05
+
+
+def test_keep_1_summary_is_strict_json():
+    import json
+
+    features, labels, _ = _blobs()
+    summary = KnnRejection(features.shape[1]).fit(features, torch.arange(len(labels)), keep=1.0)
+    assert summary["threshold"] is None
+    json.dumps(summary, allow_nan=False)

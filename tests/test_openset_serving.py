@@ -112,7 +112,7 @@ def test_own_validation_photos_are_kept_at_the_rate_train_head_reported(trained)
     kept = [not r for r in _rejected(trained["server"], trained["own"], "1")]
     share = sum(kept) / len(kept)
     # The server computes what train_head computed in-process on the same photos...
-    assert share == pytest.approx(trained["report1"]["metrics"]["openset"]["known_kept"], abs=1e-9)
+    assert share == pytest.approx(trained["report1"]["metrics"]["openset"]["known_kept"], abs=1e-6)
     # ...and that is about the chosen rate (45 photos: the binomial spread alone is about 0.045).
     assert abs(share - KEEP) <= 0.15
 

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -241,7 +242,7 @@ def openset_metrics(head: FeatureHead, features: dict, unknown: torch.Tensor | N
     """The rule on the validation split (share kept at the archive's threshold, accuracy on the kept
     photos) and, given photos of other kinds, AUROC, FPR@95 and the share rejected."""
     threshold = float(head.rejection.threshold)
-    result: dict = {"threshold": threshold, "keep": float(head.rejection.keep)}
+    result: dict = {"threshold": threshold if math.isfinite(threshold) else None, "keep": float(head.rejection.keep)}
     if probabilities is None:
         return result
     with torch.no_grad():
@@ -265,7 +266,8 @@ def openset_metrics(head: FeatureHead, features: dict, unknown: torch.Tensor | N
 
 
 def log_openset(openset: dict, rule: dict) -> None:
-    text = f"rejection rule ({rule['score']}, keep {rule['keep']:g}): threshold {rule['threshold']:.4f}"
+    threshold = "none (rejects nothing)" if rule["threshold"] is None else f"{rule['threshold']:.4f}"
+    text = f"rejection rule ({rule['score']}, keep {rule['keep']:g}): threshold {threshold}"
     if "known_kept" in openset:
         text += f"; keeps {openset['known_kept']:.3f} of the validation photos"
         if openset.get("accuracy_on_kept") is not None:
