@@ -13,6 +13,10 @@ CROP_SIZE = 224
 # Answers.
 TOP_K = 3
 VERSION_HEADER = "X-Model-Version"  # which archive version answered a prediction
+# A head's answer for a photo that fits none of its classes (first entry; handlers/rejection.py).
+UNKNOWN_LABEL = "unknown"
+# Request header asking a head for another strictness: the share of known photos to keep, in (0, 1].
+KEEP_HEADER = "X-Keep"
 
 # Input limits. A 12-megapixel phone photo is about 4000x3000 and at most ~20 MB as a JPEG
 # (config.properties' max_request_size adds room for multipart framing).

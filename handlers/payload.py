@@ -9,6 +9,14 @@ import torch
 from handlers.imaging import ImageError
 
 
+class RequestError(ValueError):
+    """A request the model cannot answer as asked (e.g. a bad header); ``status`` is the HTTP code."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass
 class Batch:
     """What flows through preprocess -> inference -> postprocess for one TorchServe batch."""
@@ -16,8 +24,10 @@ class Batch:
     size: int  # number of requests in the batch
     images: torch.Tensor | None = None  # (M, 3, H, W) for the M requests that decoded
     rows: list[int] = field(default_factory=list)  # request index of each image row
-    errors: dict[int, ImageError] = field(default_factory=dict)  # request index -> its error
+    errors: dict[int, ImageError | RequestError] = field(default_factory=dict)  # request index -> its error
     probabilities: torch.Tensor | None = None  # (M, C)
+    known_scores: torch.Tensor | None = None  # (M,) rejection scores; None when the model has no rule
+    thresholds: dict[int, float | None] = field(default_factory=dict)  # request index -> its rejection threshold
 
 
 def request_bytes(row: dict) -> bytes:

@@ -1,5 +1,9 @@
 """TorchServe handler (TorchServe wants exactly one class in this module): image bytes in, Top-3 ``[{"label", "index", "probability"}]`` out.
 
+A head with a rejection rule (handlers/rejection.py) answers a photo that fits none of its classes
+with ``{"label": "unknown", ...}`` first, then its Top-3 classes (README "Unknown photos"); the
+``X-Keep`` request header asks for another strictness for that request.
+
 Serves both kinds of archive (ImageNet backbone, few-shot head); ``model_info.json`` says which.
 ``handle()`` is TorchServe's BaseHandler orchestration; this class overrides only the three steps,
 each ``@timed`` as BaseHandler's are (``handler: profile: true`` in model-config.yaml reports them).
@@ -21,11 +25,12 @@ import torch
 from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers.constants import TOP_K, VERSION_HEADER
+from handlers.constants import KEEP_HEADER, TOP_K, UNKNOWN_LABEL, VERSION_HEADER
 from handlers.imaging import ImageError, ImagePreprocessor
 from handlers.machine import worker_threads
-from handlers.payload import Batch, request_bytes
+from handlers.payload import Batch, RequestError, request_bytes
 from handlers.recognizer import load_recognizer
+from handlers.rejection import validate_keep
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +108,16 @@ class RecognitionHandler(BaseHandler):
     @timed
     def preprocess(self, data):
         batch = Batch(size=len(data))
-        results = self._map_rows(self._prepare, data)
+        for index in range(batch.size):
+            try:
+                batch.thresholds[index] = self._threshold(index)
+            except RequestError as error:
+                logger.info("request %d of a batch of %d refused: %s", index, batch.size, error)
+                batch.errors[index] = error
+        wanted = [index for index in range(batch.size) if index not in batch.errors]
+        results = self._map_rows(self._prepare, [data[index] for index in wanted])
         tensors = []
-        for index, result in enumerate(results):
+        for index, result in zip(wanted, results):
             if isinstance(result, ImageError):
                 logger.info("request %d of a batch of %d refused: %s", index, batch.size, result)
                 batch.errors[index] = result
@@ -124,7 +136,37 @@ class RecognitionHandler(BaseHandler):
         except ImageError as error:
             return error
 
+    def _header(self, index: int, name: str) -> str | None:
+        """A request header by name, any case (TorchServe passes names as the client spelled them)."""
+        headers = self.context.get_all_request_header(index) or {}
+        for key, value in headers.items():
+            if isinstance(key, str) and isinstance(value, str) and key.lower() == name.lower():
+                return value
+        return None
+
+    def _threshold(self, index: int) -> float | None:
+        """Request ``index``'s rejection threshold: the archive's, or the one its X-Keep header asks
+        for; None answers without rejecting. Raises RequestError (400) for a value that is not a
+        share in (0, 1], and for a share below 1 on a model without a rule (the ImageNet classifier):
+        a client asking for strictness is told it cannot have it rather than silently not getting it."""
+        rule = self.model.rejection
+        value = self._header(index, KEEP_HEADER)
+        if value is None:
+            return None if rule is None else float(rule.threshold)
+        try:
+            keep = validate_keep(value.strip())
+        except ValueError as error:
+            raise RequestError(f"{KEEP_HEADER}: {error}") from None
+        if rule is None:
+            if keep < 1.0:
+                raise RequestError(f"{KEEP_HEADER}: this model has no rejection rule (it answers a class for "
+                                   f"every photo); send {KEEP_HEADER}: 1 or no {KEEP_HEADER} header")
+            return None
+        return rule.threshold_for(keep)
+
     def _map_rows(self, function, rows) -> list:
+        if not rows:
+            return []
         if len(rows) == 1:
             return [function(rows[0])]  # no thread hand-off for a lone request
         return list(self.decode_pool.map(function, rows))
@@ -133,7 +175,8 @@ class RecognitionHandler(BaseHandler):
     def inference(self, batch, *args, **kwargs):
         if batch.images is not None:
             with torch.inference_mode():
-                batch.probabilities = self.model(batch.images).softmax(dim=1)
+                logits, batch.known_scores = self.model.predict(batch.images)
+                batch.probabilities = logits.softmax(dim=1)
         return batch
 
     @timed
@@ -144,11 +187,18 @@ class RecognitionHandler(BaseHandler):
             responses[index] = {"error": str(error), "code": error.status}
         if batch.probabilities is not None:
             top_p, top_i = batch.probabilities.topk(self.top_k, dim=1)
+            scores = None if batch.known_scores is None else batch.known_scores.tolist()
             for row, index in enumerate(batch.rows):
-                responses[index] = [
+                answer = [
                     {"label": self.labels[i], "index": i, "probability": round(p, 6)}
                     for p, i in zip(top_p[row].tolist(), top_i[row].tolist())
                 ]
+                threshold = batch.thresholds.get(index)
+                if scores is not None and threshold is not None and scores[row] < threshold:
+                    # First, so a client reading only the first label sees it; the closest classes follow.
+                    answer.insert(0, {"label": UNKNOWN_LABEL, "index": None, "probability": None,
+                                      "score": round(scores[row], 6), "threshold": round(threshold, 6)})
+                responses[index] = answer
         for index in range(batch.size):
             self.context.set_response_content_type(index, "application/json")
             self.context.set_response_header(index, VERSION_HEADER, self.version)

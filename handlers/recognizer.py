@@ -47,9 +47,25 @@ class Recognizer(nn.Module):
             return self.network.features(images).float()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.predict(images)[0]
+
+    @property
+    def rejection(self):
+        """The head's rejection rule (handlers/rejection.py), or None: the ImageNet classifier and
+        heads from before rules existed answer with a class for every photo."""
+        if self.head is None or not self.head.rejection.fitted:
+            return None
+        return self.head.rejection
+
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, 3, H, W) -> logits (N, C) and the rejection rule's known-ness scores (N,), or None
+        without a rule; one backbone pass for both."""
         features = self.features(images)
         # The classifier or head is tiny: keep it in fp32 so probabilities stay well calibrated.
-        return self.network.classifier(features) if self.head is None else self.head(features)
+        if self.head is None:
+            return self.network.classifier(features), None
+        rule = self.rejection
+        return self.head(features), (None if rule is None else rule.score(features))
 
 
 @dataclass

@@ -104,12 +104,13 @@ def test_train_head_writes_archive_report_and_reuses_cache(datasets_dir, tmp_pat
 
     archive = out / "bees_ants_v1.mar"
     info = read_archive_info(archive)
-    assert info["classes"] == ["ants", "bees"] and info["head"]["type"] == "linear"
+    assert info["classes"] == ["ants", "bees"] and info["head"]["type"] in ("linear", "prototype")
+    assert info["head_choice"]["requested"] == "auto" and info["head_choice"]["chosen"] == info["head"]["type"]
     assert info["backbone"] == "efficientnet_lite0" and len(info["weights_sha256"]) == 64
     assert len(info["data"]["fingerprint"]) == 64
     assert info["data"]["train_images"] == {"ants": 8, "bees": 8}
     assert {u["file"].rsplit("/", 1)[-1] for u in info["data"]["unreadable"]} == {"broken.jpg", "README.txt"}
-    assert info["training"]["views"] == 2 and info["training"]["head"] == "linear"
+    assert info["training"]["views"] == 2 and info["training"]["head"] == "auto"
     # ants and bees are ImageNet classes: a head on ImageNet features separates them (docs/BENCHMARKS.md).
     assert info["validation"]["accuracy"] >= 0.75 and info["validation"]["images"] == 8
     assert [c["label"] for c in info["check_images"]] == ["ants", "ants", "bees", "bees"]
@@ -126,7 +127,7 @@ def test_train_head_writes_archive_report_and_reuses_cache(datasets_dir, tmp_pat
     assert (out / "bees_ants_v1.confusion.png").stat().st_size > 0
 
     # Other head settings on the same data: every feature comes from the cache.
-    assert train_head.run([str(data), *common, "--version", "2", "--weight-decay", "0.01"]) == 0
+    assert train_head.run([str(data), *common, "--version", "2", "--head", "linear", "--weight-decay", "0.01"]) == 0
     second = json.loads((out / "bees_ants_v2.report.json").read_text())
     assert second["features"]["extracted"] == 0
     assert second["features"]["cached"] == report["features"]["extracted"]

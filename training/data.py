@@ -137,6 +137,24 @@ def _scan(folders: dict[str, Path], classes: list[str], unreadable: list, root: 
     return found
 
 
+def readable_images(folder: str | Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """Every readable image under ``folder`` (any depth; labels ignored) as (path, sha256), and the
+    unreadable files as (path, reason). Raises DataError if the folder is missing or has no image."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder of photos")
+    readable, unreadable = [], []
+    for path in _files(folder):
+        digest, reason = _probe(path)
+        if digest is None:
+            unreadable.append((path, reason))
+        else:
+            readable.append((path, digest))
+    if not readable:
+        raise DataError(f"{folder} contains no readable image")
+    return readable, unreadable
+
+
 def _require_images(found: dict[str, list], where: Path) -> None:
     empty = [name for name, items in found.items() if not items]
     if empty:

@@ -60,26 +60,29 @@ def write_report(path: Path, report: dict) -> Path:
     return path
 
 
-def draw_confusion(confusion: list[list[int]], classes: list[str], path: Path, title: str = "") -> Path:
-    """Confusion matrix as a PNG: rows true class, columns predicted; cell shade = row fraction."""
+def draw_confusion(confusion: list[list[int]], classes: list[str], path: Path, title: str = "",
+                   columns: list[str] | None = None) -> Path:
+    """Confusion matrix as a PNG: rows true class (``classes``), columns predicted (``columns``,
+    default the same names; e.g. the classes plus "unknown"); cell shade = row fraction."""
     font = ImageFont.load_default()
-    n = len(classes)
-    cell = 44 if n <= 12 else max(18, 528 // n)
-    label_width = 12 + max(font.getbbox(name)[2] for name in classes)
+    columns = list(classes) if columns is None else columns
+    n, n_cols = len(classes), len(columns)
+    cell = 44 if max(n, n_cols) <= 12 else max(18, 528 // max(n, n_cols))
+    label_width = 12 + max(font.getbbox(name)[2] for name in [*classes, *columns])
     top = 40 + label_width  # column labels are written rotated above the grid
     left = label_width + 16
-    width, height = left + n * cell + 20, top + n * cell + 40
+    width, height = left + n_cols * cell + 20, top + n * cell + 40
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     draw.text((10, 8), title or "confusion matrix (rows: true, columns: predicted)", fill="black", font=font)
     for row in range(n):
         total = sum(confusion[row]) or 1
-        for col in range(n):
+        for col in range(n_cols):
             count = confusion[row][col]
             share = count / total
-            # Diagonal in blue, errors in red: the eye finds the confusions first.
+            # Right answers in blue, errors in red: the eye finds the confusions first.
             shade = int(255 * (1 - share))
-            colour = (shade, shade, 255) if row == col else (255, shade, shade)
+            colour = (shade, shade, 255) if classes[row] == columns[col] else (255, shade, shade)
             x0, y0 = left + col * cell, top + row * cell
             draw.rectangle([x0, y0, x0 + cell, y0 + cell], fill=colour, outline=(180, 180, 180))
             text = str(count)
@@ -87,7 +90,7 @@ def draw_confusion(confusion: list[list[int]], classes: list[str], path: Path, t
             ink = "white" if share > 0.6 else "black"
             draw.text((x0 + (cell - box[2]) / 2, y0 + (cell - box[3]) / 2), text, fill=ink, font=font)
         draw.text((8, top + row * cell + cell / 2 - 5), classes[row], fill="black", font=font)
-    for col, name in enumerate(classes):
+    for col, name in enumerate(columns):
         box = font.getbbox(name)
         label = Image.new("RGB", (box[2] + 4, box[3] + 4), "white")
         ImageDraw.Draw(label).text((2, 0), name, fill="black", font=font)
@@ -96,6 +99,37 @@ def draw_confusion(confusion: list[list[int]], classes: list[str], path: Path, t
     draw.text((left, top + n * cell + 12), "predicted ->", fill="black", font=font)
     image.save(path)
     return path
+
+
+def auroc(known: torch.Tensor, unknown: torch.Tensor) -> float:
+    """Area under the ROC curve of telling known from unknown photos by a score (higher: known),
+    i.e. P(score of a known photo > score of an unknown one), ties counted half. (N,), (M,) -> float."""
+    ordered = unknown.double().sort().values
+    below = torch.searchsorted(ordered, known.double(), side="left")
+    at_or_below = torch.searchsorted(ordered, known.double(), side="right")
+    return float((below + 0.5 * (at_or_below - below)).sum() / (len(known) * len(unknown)))
+
+
+def fpr_at_keep(known: torch.Tensor, unknown: torch.Tensor, keep: float = 0.95) -> float:
+    """FPR@95 (for keep 0.95): share of unknown photos accepted at the threshold that keeps ``keep``
+    of the known photos (the threshold set on these known photos themselves: the usual benchmark)."""
+    threshold = torch.quantile(known.double(), 1.0 - keep)
+    return float((unknown.double() >= threshold).float().mean())
+
+
+def openset_confusion(predicted: torch.Tensor, rejected: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                      unknown_predicted: torch.Tensor | None = None, unknown_rejected: torch.Tensor | None = None) -> list[list[int]]:
+    """Confusion with an "unknown" column (index C): rows true class, columns predicted class or
+    rejected. ``predicted`` (N,) argmax, ``rejected`` (N,) bool, ``labels`` (N,); photos of other
+    kinds (``unknown_*``, (M,)) add an "unknown" row. (C or C+1) x (C+1) counts."""
+    shown = torch.where(rejected, torch.full_like(predicted, num_classes), predicted)
+    confusion = torch.zeros(num_classes + 1, num_classes + 1, dtype=torch.long)
+    confusion.index_put_((labels, shown), torch.ones_like(labels), accumulate=True)
+    if unknown_predicted is None:
+        return confusion[:num_classes].tolist()
+    shown = torch.where(unknown_rejected, torch.full_like(unknown_predicted, num_classes), unknown_predicted)
+    confusion[num_classes] += torch.bincount(shown, minlength=num_classes + 1)
+    return confusion.tolist()
 
 
 def mean_ci95(values: list[float]) -> tuple[float, float]:

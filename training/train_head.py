@@ -8,6 +8,11 @@ directly (then a seeded, stratified split holds out part of each class for valid
 ``<name>_v<version>.report.json`` and ``<name>_v<version>.confusion.png``. Backbone features are
 cached on disk (``--cache-dir``), so re-running with other head settings takes seconds.
 
+``--head auto`` (default) picks the head and its settings by cross-validation on the training photos
+(training/auto_head.py). Every head carries a rejection rule (handlers/rejection.py) that answers
+"unknown" for photos unlike the training photos, keeping ``--keep`` of known photos (1: off);
+``--unknown DIR`` measures it on photos of other kinds.
+
 Exit codes: 0 done, 2 bad arguments or data, 3 backbone weights not found, 1 anything else;
 registration failures (--register) exit with the code scripts/manage.py gives them.
 """
@@ -18,6 +23,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -26,19 +32,25 @@ from pathlib import Path
 import torch
 
 from handlers.backbones import WeightsNotFoundError, backbone_names, get_backbone
+from handlers.constants import UNKNOWN_LABEL
 from handlers.heads import HEADS, FeatureHead, build_head
+from handlers.rejection import DEFAULT_KEEP, validate_keep
 from imagerec.archive import build_archive
 from imagerec.cli import EXIT_BAD_ARGUMENTS, EXIT_FAILED, EXIT_NO_WEIGHTS, LOG_FORMAT, run_command
 from imagerec.management import DEFAULT_KEY_FILE, DEFAULT_MODEL_STORE, register_archive
 from imagerec.naming import archive_file_name, validate_name, validate_version
 from imagerec.options import add_batching_arguments, batching_from_args, compile_with_from_args
-from training.data import DataError, Dataset, load_dataset
-from training.evaluation import draw_confusion, evaluate, format_table, write_report
+from training.auto_head import Candidate, choose_head
+from training.data import DataError, Dataset, load_dataset, readable_images
+from training.evaluation import (auroc, draw_confusion, evaluate, format_table, fpr_at_keep,
+                                 openset_confusion, write_report)
 from training.features import Augmentation, FeatureExtractor, default_cache_dir
 
 logger = logging.getLogger("train_head")
 
-DEFAULT_HEAD = "linear"
+AUTO_HEAD = "auto"
+DEFAULT_HEAD = AUTO_HEAD
+HEAD_CHOICES = (AUTO_HEAD, *sorted(HEADS))
 DEFAULT_VIEWS = 2
 
 
@@ -54,8 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "efficientnet_lite0 ships real ImageNet weights and works offline)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="backbone state_dict file (default: $<BACKBONE>_WEIGHTS, then the backbone's own source)")
-    parser.add_argument("--head", choices=sorted(HEADS), default=DEFAULT_HEAD,
-                        help=f"head type (default {DEFAULT_HEAD}; see docs/BENCHMARKS.md for the comparison)")
+    parser.add_argument("--head", choices=HEAD_CHOICES, default=DEFAULT_HEAD,
+                        help=f"head type (default {DEFAULT_HEAD}: chosen with its settings by cross-validation on "
+                             "the training photos; see docs/BENCHMARKS.md for the comparison)")
     parser.add_argument("--out", type=Path, default=Path("archives"), help="directory for the .mar and its report")
     parser.add_argument("--force", action="store_true", help="overwrite an existing archive of that version")
 
@@ -91,6 +104,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     head.add_argument("--weight-decay", type=float, default=None,
                       help="linear head: fixed weight decay (default: chosen on held-out training images)")
 
+    openset = parser.add_argument_group("unknown photos")
+    openset.add_argument("--keep", type=float, default=DEFAULT_KEEP,
+                         help="share of photos of the trained classes the rejection rule keeps; photos less "
+                              "like the training photos are answered \"unknown\" (default %(default)s, "
+                              "calibrated on the training photos; 1: never answer unknown)")
+    openset.add_argument("--unknown", type=Path, default=None, metavar="DIR",
+                         help="photos of none of the classes (any folder layout): report how well the rule "
+                              "rejects them (AUROC, FPR@95, share rejected)")
+
     register = parser.add_argument_group("registration")
     register.add_argument("--register", type=str, default=None, metavar="URL",
                           help="management URL of a running TorchServe to register the new archive into, "
@@ -118,6 +140,11 @@ def check_args(args: argparse.Namespace) -> str:
         raise ValueError("--extract-batch-size must be at least 1")
     if args.weight_decay is not None and args.weight_decay < 0:
         raise ValueError("--weight-decay cannot be negative")
+    if args.weight_decay is not None and args.head != "linear":
+        raise ValueError("--weight-decay applies to --head linear only")
+    validate_keep(args.keep)
+    if args.unknown is not None and not args.unknown.is_dir():
+        raise ValueError(f"--unknown {args.unknown} is not a folder of photos")
     batching_from_args(args)
     compile_with_from_args(args)
     target = args.out / archive_file_name(name, args.version)
@@ -157,17 +184,29 @@ def extract_features(extractor: FeatureExtractor, dataset: Dataset, views: int, 
                             description="val features") if dataset.val else torch.empty(0, extractor.backbone.feature_dim)
     return {
         "train": rows, "train_labels": row_labels, "groups": groups,
+        "plain": plain, "augmented": augmented, "photo_labels": labels,
         "val": val, "val_labels": torch.tensor([s.label for s in dataset.val], dtype=torch.long),
     }
 
 
 def fit_head(kind: str, feature_dim: int, num_classes: int, features: dict, args) -> tuple[FeatureHead, dict]:
-    head = build_head(kind, feature_dim, num_classes)
-    options = {"groups": features["groups"], "seed": args.seed}
-    if args.weight_decay is not None:
-        options["weight_decay"] = args.weight_decay
+    """Fit the head (``kind`` "auto": the candidate cross-validation chooses) and its rejection rule.
+    The summary's "auto" entry holds the choice and every candidate's score."""
+    summary: dict = {}
     with single_thread():
-        summary = head.fit(features["train"], features["train_labels"], **options)
+        if kind == AUTO_HEAD:
+            choice, summary["auto"] = choose_head(features["plain"], features["augmented"], features["photo_labels"],
+                                                  num_classes, seed=args.seed)
+        else:
+            choice = Candidate(kind, views=HEADS[kind].uses_views, weight_decay=args.weight_decay)
+        head = build_head(choice.kind, feature_dim, num_classes)
+        plain_only = not choice.views and features["augmented"] is not None
+        rows, row_labels, groups = (training_rows(features["plain"], None, features["photo_labels"]) if plain_only
+                                    else (features["train"], features["train_labels"], features["groups"]))
+        summary.update(head.fit(rows, row_labels, groups=groups, seed=args.seed, **choice.fit_options()))
+        # The rule's bank holds each training photo's plain view: augmented views in the bank measured
+        # no better (docs/bench/openset.md) and would triple the archive's share of it.
+        summary["rejection"] = head.fit_rejection(features["plain"], torch.arange(len(features["plain"])), args.keep)
     return head.eval(), summary
 
 
@@ -181,6 +220,55 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def unknown_features(extractor: FeatureExtractor, folder: Path) -> torch.Tensor:
+    """(M, D) plain-view features of every readable photo under ``folder``."""
+    found, unreadable = readable_images(folder)
+    for path, reason in unreadable:
+        logger.warning("skipping unreadable file %s: %s", path, reason)
+    return extractor.extract([p for p, _ in found], [h for _, h in found], description="unknown features")
+
+
+def openset_metrics(head: FeatureHead, features: dict, unknown: torch.Tensor | None,
+                    probabilities: torch.Tensor | None) -> dict:
+    """The rule on the validation split (share kept at the archive's threshold, accuracy on the kept
+    photos) and, given photos of other kinds, AUROC, FPR@95 and the share rejected."""
+    threshold = float(head.rejection.threshold)
+    result: dict = {"threshold": threshold if math.isfinite(threshold) else None, "keep": float(head.rejection.keep)}
+    if probabilities is None:
+        return result
+    with torch.no_grad():
+        scores = head.known_score(features["val"])
+    kept = scores >= threshold
+    predicted = probabilities.argmax(1)
+    labels = features["val_labels"]
+    result["known_kept"] = float(kept.float().mean())
+    result["accuracy_on_kept"] = float((predicted[kept] == labels[kept]).float().mean()) if kept.any() else None
+    unknown_predicted = unknown_rejected = None
+    if unknown is not None and len(unknown):
+        with torch.no_grad():
+            unknown_scores = head.known_score(unknown)
+            unknown_predicted = head(unknown).argmax(1)
+        unknown_rejected = unknown_scores < threshold
+        result.update(unknown_photos=len(unknown), unknown_rejected=float(unknown_rejected.float().mean()),
+                      auroc=auroc(scores, unknown_scores), fpr_at_95=fpr_at_keep(scores, unknown_scores, 0.95))
+    result["confusion"] = openset_confusion(predicted, ~kept, labels, head.num_classes,
+                                            unknown_predicted, unknown_rejected)
+    return result
+
+
+def log_openset(openset: dict, rule: dict) -> None:
+    threshold = "none (rejects nothing)" if rule["threshold"] is None else f"{rule['threshold']:.4f}"
+    text = f"rejection rule ({rule['score']}, keep {rule['keep']:g}): threshold {threshold}"
+    if "known_kept" in openset:
+        text += f"; keeps {openset['known_kept']:.3f} of the validation photos"
+        if openset.get("accuracy_on_kept") is not None:
+            text += f" (accuracy on those {openset['accuracy_on_kept']:.3f})"
+    if "auroc" in openset:
+        text += (f"; {openset['unknown_photos']} unknown photos: {openset['unknown_rejected']:.3f} rejected, "
+                 f"AUROC {openset['auroc']:.3f}, FPR@95 {openset['fpr_at_95']:.3f}")
+    logger.info("%s", text)
 
 
 def pick_check_images(dataset: Dataset, per_class: int) -> list[tuple[Path, str]]:
@@ -214,15 +302,16 @@ def main(args: argparse.Namespace) -> Path:
     augmentation = Augmentation(min_scale=args.aug_min_scale, jitter=args.aug_jitter, rotation=args.aug_rotation)
     extractor = FeatureExtractor(backbone.name, weights, cache_dir=args.cache_dir, batch_size=args.extract_batch_size,
                                  augmentation=augmentation, progress=not args.no_progress, use_cache=not args.no_cache)
-    views = args.views if HEADS[args.head].uses_views else 0
+    # auto may choose a head that uses augmented views: extract them for it (cached after the first run).
+    views = args.views if args.head == AUTO_HEAD or HEADS[args.head].uses_views else 0
     features = extract_features(extractor, dataset, views, args.seed)
     timings["features"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     head, fit_summary = fit_head(args.head, backbone.feature_dim, len(dataset.classes), features, args)
     timings["fit"] = time.perf_counter() - tick
-    logger.info("fitted %s head on %d rows (%d images): %s", args.head, len(features["train_labels"]),
-                len(dataset.train), json.dumps(fit_summary))
+    logger.info("fitted %s head on %d images: %s", head.kind, len(dataset.train),
+                json.dumps({k: v for k, v in fit_summary.items() if k != "auto"}))
 
     metrics = None
     if len(features["val_labels"]):
@@ -232,6 +321,11 @@ def main(args: argparse.Namespace) -> Path:
         logger.info("validation on %d held-out images:\n%s", metrics["images"], format_table(metrics))
     else:
         logger.warning("no validation images (every class has a single image): the archive has no accuracy figure")
+    unknown = unknown_features(extractor, args.unknown) if args.unknown else None
+    openset = openset_metrics(head, features, unknown, probabilities if metrics else None)
+    if metrics is not None:
+        metrics["openset"] = openset
+    log_openset(openset, fit_summary["rejection"])
 
     tick = time.perf_counter()
     info = {
@@ -243,7 +337,10 @@ def main(args: argparse.Namespace) -> Path:
             "val_images": dataset.counts("val"),
             "unreadable": [{"file": str(p), "reason": r} for p, r in dataset.unreadable],
         },
-        "fit": fit_summary,
+        "fit": {k: v for k, v in fit_summary.items() if k not in ("auto", "rejection")},
+        "head_choice": {"requested": args.head, "chosen": head.kind, "power": float(head.power),
+                        **({"auto": fit_summary["auto"]} if "auto" in fit_summary else {})},
+        "rejection": {**fit_summary["rejection"], "unknown_label": UNKNOWN_LABEL},
         "validation": None if metrics is None else {k: metrics[k] for k in ("images", "accuracy", "balanced_accuracy", "nll", "per_class")},
     }
     archive = build_archive(
@@ -259,8 +356,11 @@ def main(args: argparse.Namespace) -> Path:
               "features": vars(extractor.stats), "timings_s": {k: round(v, 3) for k, v in timings.items()}}
     write_report(args.out / f"{stem}.report.json", report)
     if metrics is not None:
-        draw_confusion(metrics["confusion"], dataset.classes, args.out / f"{stem}.confusion.png",
-                       title=f"{name} v{args.version} ({args.head}): accuracy {metrics['accuracy']:.3f} on {metrics['images']} val images")
+        rows = dataset.classes + ([UNKNOWN_LABEL] if unknown is not None else [])
+        draw_confusion(openset["confusion"], rows, args.out / f"{stem}.confusion.png",
+                       columns=dataset.classes + [UNKNOWN_LABEL],
+                       title=f"{name} v{args.version} ({head.kind}): accuracy {metrics['accuracy']:.3f} on "
+                             f"{metrics['images']} val images, {openset['known_kept']:.0%} kept at keep {args.keep:g}")
     logger.info("done in %.1fs (%s); features: %d from cache, %d extracted",
                 timings["total"], ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if k != "total"),
                 extractor.stats.cached, extractor.stats.extracted)

@@ -1,0 +1,187 @@
+"""The math of "none of these" and of ``--head auto``, fast and without a server: rejection rule,
+its calibration and serialisation, open-set metrics, cross-validated head choice."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from handlers.heads import HEADS, build_head
+from handlers.rejection import KnnRejection, validate_keep
+from training.auto_head import Candidate, candidates, choose_head, stratified_folds
+from training.evaluation import auroc, fpr_at_keep, openset_confusion
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Head fits multiply small matrices: one thread, as train_head fits them (single_thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Small synthetic problems are separable: a weak weight decay makes L-BFGS chase a vanishing loss for
+# seconds. These tests check the choice, not the search space: one strong decay keeps them fast.
+FAST_SPACE = [Candidate("prototype", 1.0), Candidate("prototype", 0.5),
+              Candidate("linear", 1.0, weight_decay=1e-2), Candidate("linear", 0.5, weight_decay=1e-2)]
+
+
+def _blobs(num_classes=3, per_class=20, dim=32, seed=0):
+    """Separable clusters plus a large shared offset (like ImageNet features), and far-away photos."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=generator) * 3
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    features = (centres[labels] + torch.randn(len(labels), dim, generator=generator) + 10.0).relu()
+    others = (torch.randn(50, dim, generator=generator) * 3 + torch.randn(dim, generator=generator) * 8 + 10.0).relu()
+    return features, labels, others
+
+
+@pytest.mark.parametrize("value", [0, -0.5, 1.01, "abc", "", "nan", "inf", None, "0.9x"])
+def test_keep_outside_0_1_is_refused(value):
+    with pytest.raises(ValueError):
+        validate_keep(value)
+
+
+@pytest.mark.parametrize("value, expected", [("1", 1.0), (0.9, 0.9), ("0.5", 0.5), ("1e-3", 0.001)])
+def test_keep_in_0_1_is_accepted(value, expected):
+    assert validate_keep(value) == expected
+
+
+def test_rule_calibration_keeps_the_asked_share_of_training_photos_and_never_scores_a_photo_against_itself():
+    features, labels, others = _blobs()
+    # Each photo twice: as its plain view and as an "augmented view" that is an exact copy. Scored
+    # against its own copy a photo would get cosine 1; leave-one-out must not see it.
+    rows = torch.cat([features, features])
+    groups = torch.cat([torch.arange(len(features))] * 2)
+    rule = KnnRejection(features.shape[1])
+    summary = rule.fit(rows, groups, keep=0.9)
+    assert summary["calibration_photos"] == len(features) and summary["bank_rows"] == 2 * len(features)
+    assert rule.calibration.max() < 0.9999
+    kept = (rule.calibration >= rule.threshold).float().mean()
+    assert abs(float(kept) - 0.9) <= 1.5 / len(features)
+    # Stricter keep -> higher threshold; keep 1 rejects nothing.
+    assert rule.threshold_for(0.5) > rule.threshold_for(0.9) > rule.threshold_for(0.99)
+    assert rule.threshold_for(1.0) == -math.inf
+    # Photos of another kind score lower than training photos: most of them fall below the threshold.
+    assert float((rule.score(others) < rule.threshold).float().mean()) > 0.9
+    assert float((rule.score(features) >= rule.threshold).float().mean()) >= 0.9
+
+
+def test_rule_score_is_cosine_to_the_nearest_bank_row():
+    bank = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    rule = KnnRejection(2)
+    rule.fit(bank, torch.arange(2), keep=0.5)
+    query = torch.tensor([[3.0, 3.0], [1.0, 0.1], [-1.0, 0.0]])
+    expected = torch.tensor([1 / math.sqrt(2), float(F.normalize(query[1:2], dim=1)[0, 0]), 0.0])
+    assert torch.allclose(rule.score(query), expected, atol=1e-6)
+
+
+def test_unfitted_rule_rejects_nothing():
+    rule = KnnRejection(4)
+    assert not rule.fitted
+    assert torch.isinf(rule.score(torch.randn(3, 4))).all() and rule.threshold_for(0.5) == -math.inf
+
+
+@pytest.mark.parametrize("kind", sorted(HEADS))
+def test_head_state_round_trips_its_rule_and_loads_archives_made_before_rules(kind):
+    features, labels, others = _blobs()
+    head = build_head(kind, features.shape[1], 3)
+    head.fit(features, labels, power=0.5, **({"weight_decay": 1e-2} if kind == "linear" else {}))
+    head.fit_rejection(features, torch.arange(len(labels)), keep=0.8)
+    state = head.state_dict()
+
+    loaded = build_head(kind, features.shape[1], 3)
+    loaded.load_state_dict(state)  # strict: the bank's size comes from the state
+    assert loaded.rejection.fitted and float(loaded.power) == 0.5
+    assert torch.equal(loaded.known_score(others), head.known_score(others))
+    assert torch.equal(loaded(others), head(others))
+    assert loaded.rejection.threshold_for(0.7) == head.rejection.threshold_for(0.7)
+
+    old = {k: v for k, v in state.items() if not k.startswith("rejection.") and k != "power"}
+    legacy = build_head(kind, features.shape[1], 3)
+    legacy.load_state_dict(old)
+    assert not legacy.rejection.fitted and float(legacy.power) == 1.0
+
+
+def test_power_transform_is_sign_preserving_and_applied_before_centring():
+    head = build_head("prototype", 3, 2)
+    features = torch.tensor([[4.0, -9.0, 0.0], [16.0, 1.0, 1.0]])
+    head.fit(features, torch.tensor([0, 1]), power=0.5)
+    rooted = torch.tensor([[2.0, -3.0, 0.0], [4.0, 1.0, 1.0]])
+    assert torch.allclose(head.center, rooted.mean(0))
+    assert torch.allclose(head.normalise(features), F.normalize(rooted - rooted.mean(0), dim=1))
+
+
+def test_auroc_matches_pairwise_counting_with_ties():
+    assert auroc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
+    assert auroc(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0])) == 0.0
+    assert auroc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
+    generator = torch.Generator().manual_seed(1)
+    known = torch.randint(0, 10, (37,), generator=generator).float()
+    unknown = torch.randint(0, 10, (23,), generator=generator).float()
+    diff = known[:, None] - unknown[None, :]
+    pairwise = float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())
+    assert abs(auroc(known, unknown) - pairwise) < 1e-6
+
+
+def test_fpr_at_95_counts_unknowns_above_the_threshold_keeping_95_percent_of_knowns():
+    known = torch.arange(100).float()  # the threshold keeping 95 of them is 4.95
+    unknown = torch.tensor([0.0, 4.0, 5.0, 50.0])
+    assert fpr_at_keep(known, unknown, 0.95) == 0.5
+
+
+def test_openset_confusion_has_an_unknown_column_and_row():
+    predicted = torch.tensor([0, 1, 1, 0])
+    rejected = torch.tensor([False, False, True, False])
+    labels = torch.tensor([0, 1, 1, 1])
+    assert openset_confusion(predicted, rejected, labels, 2) == [[1, 0, 0], [1, 1, 1]]
+    full = openset_confusion(predicted, rejected, labels, 2, torch.tensor([0, 1, 1]), torch.tensor([True, True, False]))
+    assert full[2] == [0, 1, 2]
+
+
+def test_stratified_folds_cover_every_photo_once_with_every_class_in_every_fold():
+    labels = torch.tensor([0] * 5 + [1] * 7 + [2] * 4)
+    folds = stratified_folds(labels, 4, seed=0)
+    assert sorted(torch.cat(folds).tolist()) == list(range(len(labels)))
+    for fold in folds:
+        assert set(labels[fold].tolist()) == {0, 1, 2}
+
+
+def test_auto_chooses_from_the_candidates_by_cross_validation_and_falls_back_at_one_shot():
+    features, labels, _ = _blobs()
+    choice, report = choose_head(features, None, labels, 3, space=FAST_SPACE)
+    assert choice in FAST_SPACE
+    assert report["folds"] == 4 and len(report["cross_validated"]) == len(FAST_SPACE)
+    assert {c.kind for c in candidates(has_views=True)} == {"linear", "prototype"}
+    assert all(c.views for c in candidates(has_views=True) if c.kind == "linear")
+    assert report["chosen_score"]["accuracy"] == max(s["accuracy"] for s in report["cross_validated"].values()) or \
+        report["chosen_score"]["accuracy"] >= max(s["accuracy"] for s in report["cross_validated"].values()) - 0.005
+    one_shot, report = choose_head(features[::20], None, labels[::20], 3)
+    assert one_shot == Candidate("prototype") and "single training photo" in report["reason"]
+
+
+def test_auto_prefers_the_linear_head_where_only_a_learned_boundary_separates_the_classes():
+    # One weak discriminative direction under loud nuisance directions: distances to class means are
+    # dominated by the nuisance, a linear boundary learns to ignore it.
+    generator = torch.Generator().manual_seed(3)
+    n, dim = 40, 16
+    labels = torch.arange(2).repeat_interleave(n)
+    features = torch.randn(2 * n, dim, generator=generator) * 3.0
+    features[:, 0] = torch.where(labels == 0, 1.0, -1.0) + 0.2 * torch.randn(2 * n, generator=generator)
+    choice, report = choose_head(features + 5.0, None, labels, 2, space=FAST_SPACE)
+    assert choice.kind == "linear", report["cross_validated"]
+    prototype_best = max(v["accuracy"] for k, v in report["cross_validated"].items() if k.startswith("prototype"))
+    assert report["chosen_score"]["accuracy"] >= prototype_best + 0.05
+
+
+def test_keep_1_summary_is_strict_json():
+    import json
+
+    features, labels, _ = _blobs()
+    summary = KnnRejection(features.shape[1]).fit(features, torch.arange(len(labels)), keep=1.0)
+    assert summary["threshold"] is None
+    json.dumps(summary, allow_nan=False)
