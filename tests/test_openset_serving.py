@@ -16,14 +16,15 @@ import sys
 import pytest
 import requests
 
-from handlers.archive import build_archive
 from handlers.backbones import get_backbone, imagenet_categories
 from handlers.constants import KEEP_HEADER, UNKNOWN_LABEL
-from handlers.manifest import read_archive_info
-from scripts.manage import Client, inspect_archive, run_check
-from scripts.ts_runtime import auth_header, install_archive
-from tests.conftest import PROJECT_ROOT
-from tests.test_training import make_subset
+from handlers.layout import read_archive_info
+from imagerec.archive import build_archive
+from imagerec.management import Client, inspect_archive, run_check
+from imagerec.paths import PROJECT_ROOT
+from imagerec.torchserve import auth_header, install_archive
+
+from tests.support import make_subset
 
 NAME = "clothes_openset"
 CLASSES = ("hat", "pants", "shoes")
