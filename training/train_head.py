@@ -289,46 +289,91 @@ def training_record(args: argparse.Namespace, name: str) -> dict:
 
 
 def main(args: argparse.Namespace) -> Path:
-    started = time.perf_counter()
+    """Check, extract features, fit, evaluate, write the archive and its report, register: the
+    stages below, timed one by one (the report's ``timings_s``)."""
+    timer = StageTimer()
     name = check_args(args)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     backbone = get_backbone(args.backbone)
     weights = backbone.resolve_weights(args.weights)
-    dataset = load_dataset(args.data_dir, val_fraction=args.val_fraction, seed=args.seed,
-                           follow_links=args.follow_links)
-    timings = {"check_data": time.perf_counter() - started}
-
-    tick = time.perf_counter()
-    augmentation = Augmentation(min_scale=args.aug_min_scale, jitter=args.aug_jitter, rotation=args.aug_rotation)
-    extractor = FeatureExtractor(backbone.name, weights, cache_dir=args.cache_dir, batch_size=args.extract_batch_size,
-                                 augmentation=augmentation, progress=not args.no_progress, use_cache=not args.no_cache)
-    # auto may choose a head that uses augmented views: extract them for it (cached after the first run).
-    views = args.views if args.head == AUTO_HEAD or HEADS[args.head].uses_views else 0
-    features = extract_features(extractor, dataset, views, args.seed)
-    timings["features"] = time.perf_counter() - tick
-
-    tick = time.perf_counter()
-    head, fit_summary = fit_head(args.head, backbone.feature_dim, len(dataset.classes), features, args)
-    timings["fit"] = time.perf_counter() - tick
+    with timer("check_data"):
+        dataset = load_dataset(args.data_dir, val_fraction=args.val_fraction, seed=args.seed,
+                               follow_links=args.follow_links)
+    with timer("features"):
+        extractor = make_extractor(args, backbone.name, weights)
+        # auto may choose a head that uses augmented views: extract them for it (cached after the first run).
+        views = args.views if args.head == AUTO_HEAD or HEADS[args.head].uses_views else 0
+        features = extract_features(extractor, dataset, views, args.seed)
+    with timer("fit"):
+        head, fit_summary = fit_head(args.head, backbone.feature_dim, len(dataset.classes), features, args)
     logger.info("fitted %s head on %d images: %s", head.kind, len(dataset.train),
                 json.dumps({k: v for k, v in fit_summary.items() if k != "auto"}))
+    unknown = unknown_features(extractor, args.unknown) if args.unknown else None
+    metrics, openset = evaluate_head(head, features, dataset.classes, unknown, fit_summary["rejection"])
+    info = archive_record(args, name, dataset, head, fit_summary, metrics)
+    with timer("archive"):
+        archive = build_archive(
+            name=name, version=args.version, backbone_name=backbone.name, weights_path=weights,
+            labels=dataset.classes, out_dir=args.out, precision=args.precision, head=head, info=info,
+            check_images=pick_check_images(dataset, args.check_images), batching=batching_from_args(args),
+            compile_with=compile_with_from_args(args), overwrite=args.force,
+        )
+    write_outputs(args, archive, info, metrics, openset, dataset.classes, head.kind, unknown is not None,
+                  extractor, timer)
+    if args.register:
+        register_archive(archive, management_url=args.register, key_file=args.key_file,
+                         model_store=args.model_store, workers=args.workers, timeout=args.register_timeout)
+        logger.info("registered %s v%s at %s", name, args.version, args.register)
+    return archive
 
-    metrics = None
+
+class StageTimer:
+    """``with timer("stage"):`` records the stage's seconds; ``total`` runs from the timer's creation."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        tick = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = time.perf_counter() - tick
+
+    def report(self) -> dict[str, float]:
+        return {**{k: round(v, 3) for k, v in self.seconds.items()}, "total": round(time.perf_counter() - self.started, 3)}
+
+
+def make_extractor(args: argparse.Namespace, backbone_name: str, weights: Path) -> FeatureExtractor:
+    augmentation = Augmentation(min_scale=args.aug_min_scale, jitter=args.aug_jitter, rotation=args.aug_rotation)
+    return FeatureExtractor(backbone_name, weights, cache_dir=args.cache_dir, batch_size=args.extract_batch_size,
+                            augmentation=augmentation, progress=not args.no_progress, use_cache=not args.no_cache)
+
+
+def evaluate_head(head: FeatureHead, features: dict, classes: list[str], unknown: torch.Tensor | None,
+                  rule: dict) -> tuple[dict | None, dict]:
+    """(closed-set metrics on the validation photos or None, open-set figures), both logged."""
+    metrics = probabilities = None
     if len(features["val_labels"]):
         with torch.no_grad():
             probabilities = head(features["val"]).softmax(dim=1)
-        metrics = evaluate(probabilities, features["val_labels"], dataset.classes)
+        metrics = evaluate(probabilities, features["val_labels"], classes)
         logger.info("validation on %d held-out images:\n%s", metrics["images"], format_table(metrics))
     else:
         logger.warning("no validation images (every class has a single image): the archive has no accuracy figure")
-    unknown = unknown_features(extractor, args.unknown) if args.unknown else None
-    openset = openset_metrics(head, features, unknown, probabilities if metrics else None)
+    openset = openset_metrics(head, features, unknown, probabilities)
     if metrics is not None:
         metrics["openset"] = openset
-    log_openset(openset, fit_summary["rejection"])
+    log_openset(openset, rule)
+    return metrics, openset
 
-    tick = time.perf_counter()
-    info = {
+
+def archive_record(args: argparse.Namespace, name: str, dataset: Dataset, head: FeatureHead, fit_summary: dict,
+                   metrics: dict | None) -> dict:
+    """The manifest entries of a head archive: how it was trained, on what, and how well it did."""
+    return {
         "training": training_record(args, name),
         "data": {
             "fingerprint": dataset.fingerprint(),
@@ -343,33 +388,27 @@ def main(args: argparse.Namespace) -> Path:
         "rejection": {**fit_summary["rejection"], "unknown_label": UNKNOWN_LABEL},
         "validation": None if metrics is None else {k: metrics[k] for k in ("images", "accuracy", "balanced_accuracy", "nll", "per_class")},
     }
-    archive = build_archive(
-        name=name, version=args.version, backbone_name=backbone.name, weights_path=weights,
-        labels=dataset.classes, out_dir=args.out, precision=args.precision, head=head, info=info,
-        check_images=pick_check_images(dataset, args.check_images), batching=batching_from_args(args),
-        compile_with=compile_with_from_args(args), overwrite=args.force,
-    )
-    timings["archive"] = time.perf_counter() - tick
-    timings["total"] = time.perf_counter() - started
+
+
+def write_outputs(args: argparse.Namespace, archive: Path, info: dict, metrics: dict | None, openset: dict,
+                  classes: list[str], head_kind: str, with_unknown: bool, extractor: FeatureExtractor,
+                  timer: StageTimer) -> None:
+    """``<name>_v<version>.report.json`` and ``.confusion.png`` beside the archive, and the closing log line."""
     stem = archive.name[: -len(".mar")]
-    report = {**info, "archive": str(archive), "metrics": metrics,
-              "features": vars(extractor.stats), "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+    timings = timer.report()
+    report = {**info, "archive": str(archive), "metrics": metrics, "features": vars(extractor.stats),
+              "timings_s": timings}
     write_report(args.out / f"{stem}.report.json", report)
     if metrics is not None:
-        rows = dataset.classes + ([UNKNOWN_LABEL] if unknown is not None else [])
+        rows = classes + ([UNKNOWN_LABEL] if with_unknown else [])
         draw_confusion(openset["confusion"], rows, args.out / f"{stem}.confusion.png",
-                       columns=dataset.classes + [UNKNOWN_LABEL],
-                       title=f"{name} v{args.version} ({head.kind}): accuracy {metrics['accuracy']:.3f} on "
-                             f"{metrics['images']} val images, {openset['known_kept']:.0%} kept at keep {args.keep:g}")
+                       columns=classes + [UNKNOWN_LABEL],
+                       title=f"{info['training']['name']} v{args.version} ({head_kind}): accuracy "
+                             f"{metrics['accuracy']:.3f} on {metrics['images']} val images, "
+                             f"{openset['known_kept']:.0%} kept at keep {args.keep:g}")
     logger.info("done in %.1fs (%s); features: %d from cache, %d extracted",
                 timings["total"], ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if k != "total"),
                 extractor.stats.cached, extractor.stats.extracted)
-
-    if args.register:
-        register_archive(archive, management_url=args.register, key_file=args.key_file,
-                         model_store=args.model_store, workers=args.workers, timeout=args.register_timeout)
-        logger.info("registered %s v%s at %s", name, args.version, args.register)
-    return archive
 
 
 # Registration failures (imagerec.management.ManageError) carry their own exit code.
