@@ -115,6 +115,9 @@ class FeatureExtractor:
         self._train_transform = None  # built on the first augmented cache miss
         self.stats = ExtractionStats()
         self._network = None  # loaded on the first cache miss: a warm run never pays for it
+        # Called with the number of views just finished (from the cache or the backbone): a caller's
+        # machine-readable progress (train_head --progress-file), beside the human progress bar.
+        self.on_progress = None
 
     @property
     def train_transform(self):
@@ -180,6 +183,8 @@ class FeatureExtractor:
             else:
                 out[index] = cached
         stats.cached = len(paths) - len(missing)
+        if self.on_progress and stats.cached:
+            self.on_progress(stats.cached * n_views)
 
         bar = tqdm(total=len(missing) * n_views, desc=description, unit="view" if augmented else "img",
                    disable=not self.progress or not missing, leave=False)
@@ -194,6 +199,8 @@ class FeatureExtractor:
                 out[index, view] = feature
             stats.forward_passes += len(pending_inputs)
             bar.update(len(pending_inputs))
+            if self.on_progress:
+                self.on_progress(len(pending_inputs))
             pending_inputs.clear()
             pending_slots.clear()
 

@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 # Scripts run as files (python training/train_head.py): make the project root importable.
@@ -36,6 +37,7 @@ from scripts.build_archive import add_batching_arguments, batching_from_args, co
 from training.data import DataError, Dataset, load_dataset  # noqa: E402
 from training.evaluation import draw_confusion, evaluate, format_table, write_report  # noqa: E402
 from training.features import Augmentation, FeatureExtractor, default_cache_dir  # noqa: E402
+from training.progress import ProgressWriter  # noqa: E402
 
 logger = logging.getLogger("train_head")
 
@@ -91,6 +93,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     features.add_argument("--extract-batch-size", type=int, default=32, help="images per backbone forward pass")
     features.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     features.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    features.add_argument("--progress-file", type=Path, default=None,
+                          help="append machine-readable progress here, one JSON line per step "
+                               "(training/progress.py; the web page follows it)")
 
     head = parser.add_argument_group("head")
     head.add_argument("--weight-decay", type=float, default=None,
@@ -202,14 +207,27 @@ def pick_check_images(dataset: Dataset, per_class: int) -> list[tuple[Path, str]
 def training_record(args: argparse.Namespace, name: str) -> dict:
     record = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     record["name"] = name
-    for private in ("register", "key_file", "model_store", "cache_dir"):  # where, not how, it was trained
+    for private in ("register", "key_file", "model_store", "cache_dir", "progress_file"):  # where, not how, it was trained
         record.pop(private, None)
     return record
+
+
+def wrong_predictions(probabilities: torch.Tensor, dataset: Dataset) -> list[dict]:
+    """The validation photos the head got wrong, most confident mistakes first."""
+    confidence, predicted = probabilities.max(dim=1)
+    wrong = [
+        {"file": str(sample.path), "true": dataset.classes[sample.label],
+         "predicted": dataset.classes[int(guess)], "probability": round(float(p), 4)}
+        for sample, guess, p in zip(dataset.val, predicted, confidence) if int(guess) != sample.label
+    ]
+    return sorted(wrong, key=lambda item: -item["probability"])
 
 
 def main(args: argparse.Namespace) -> Path:
     started = time.perf_counter()
     name = check_args(args)
+    progress = ProgressWriter(args.progress_file)
+    progress.stage("data")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     backbone = get_backbone(args.backbone)
     weights = backbone.resolve_weights(args.weights)
@@ -221,26 +239,33 @@ def main(args: argparse.Namespace) -> Path:
     extractor = FeatureExtractor(backbone.name, weights, cache_dir=args.cache_dir, batch_size=args.extract_batch_size,
                                  augmentation=augmentation, progress=not args.no_progress, use_cache=not args.no_cache)
     views = args.views if HEADS[args.head].uses_views else 0
+    extractor.on_progress = progress.advance
+    progress.start_features(len(dataset.train) * (1 + views) + len(dataset.val))
     features = extract_features(extractor, dataset, views, args.seed)
     timings["features"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
+    progress.stage("fit")
     head, fit_summary = fit_head(args.head, backbone.feature_dim, len(dataset.classes), features, args)
     timings["fit"] = time.perf_counter() - tick
     logger.info("fitted %s head on %d rows (%d images): %s", args.head, len(features["train_labels"]),
                 len(dataset.train), json.dumps(fit_summary))
 
-    metrics = None
+    metrics, wrong = None, []
+    progress.stage("evaluate")
     if len(features["val_labels"]):
         with torch.no_grad():
             probabilities = head(features["val"]).softmax(dim=1)
         metrics = evaluate(probabilities, features["val_labels"], dataset.classes)
+        wrong = wrong_predictions(probabilities, dataset)
         logger.info("validation on %d held-out images:\n%s", metrics["images"], format_table(metrics))
     else:
         logger.warning("no validation images (every class has a single image): the archive has no accuracy figure")
 
     tick = time.perf_counter()
+    progress.stage("archive")
     info = {
+        "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "training": training_record(args, name),
         "data": {
             "fingerprint": dataset.fingerprint(),
@@ -261,7 +286,7 @@ def main(args: argparse.Namespace) -> Path:
     timings["archive"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
     stem = archive.name[: -len(".mar")]
-    report = {**info, "archive": str(archive), "metrics": metrics,
+    report = {**info, "archive": str(archive), "metrics": metrics, "wrong_validation": wrong,
               "features": vars(extractor.stats), "timings_s": {k: round(v, 3) for k, v in timings.items()}}
     write_report(args.out / f"{stem}.report.json", report)
     if metrics is not None:
@@ -270,6 +295,7 @@ def main(args: argparse.Namespace) -> Path:
     logger.info("done in %.1fs (%s); features: %d from cache, %d extracted",
                 timings["total"], ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if k != "total"),
                 extractor.stats.cached, extractor.stats.extracted)
+    progress.stage("done", archive=str(archive), accuracy=None if metrics is None else metrics["accuracy"])
 
     if args.register:
         from scripts.manage import register_archive  # the ops tooling owns registration
