@@ -133,6 +133,15 @@ def shot(page, tmp_path: Path, name: str) -> Path:
     return path
 
 
+def wait_until(page, expression: str, timeout: float = 30.0) -> None:
+    """Poll a JavaScript expression (page.wait_for_function evaluates strings, which the page's
+    Content-Security-Policy rightly forbids)."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"still false after {timeout:.0f}s: {expression}"
+        time.sleep(0.1)
+
+
 def results(page) -> list[tuple[str, float]]:
     return [(row.get_attribute("data-label"), float(row.get_attribute("data-probability")))
             for row in page.query_selector_all("#results li[data-label]")]
@@ -252,7 +261,7 @@ def _fill_teaching_form(page, datasets_dir: Path, name: str) -> None:
         folder = datasets_dir / "clothing10" / "train" / class_name
         photos = sorted(folder.iterdir())[:PHOTOS_PER_CLASS]
         page.set_input_files(f"#class-photos-{index}", [str(p) for p in photos])
-    page.wait_for_function(f"document.querySelectorAll('.class-card .thumbs img').length >= {len(CLASSES) * PHOTOS_PER_CLASS}")
+    wait_until(page, f"document.querySelectorAll('.class-card .thumbs img').length >= {len(CLASSES) * PHOTOS_PER_CLASS}")
 
 
 def _train_and_deploy(page, tmp_path: Path, step: str) -> str:
@@ -309,7 +318,7 @@ def test_teach_deploy_recognise_and_roll_back(page, page_server, datasets_dir, t
 
     # Changing the mode asks again with the same photo.
     page.select_option("select[name=mode]", IMAGENET_MODE)
-    page.wait_for_function("document.querySelector('#answer-meta').textContent.includes('1.0')")
+    wait_until(page, "document.querySelector('#answer-meta').textContent.includes('1.0')")
     page.wait_for_selector("#results li[data-label]")
     assert results(page)[0][0] not in CLASSES
 

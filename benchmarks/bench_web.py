@@ -1,0 +1,265 @@
+"""What the page adds on the way to TorchServe: recognising through its API against straight to TorchServe.
+
+    .venv/bin/python benchmarks/bench_web.py                      # about 3 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_web.py --duration 5 --rounds 1   # smoke run
+
+Starts one TorchServe (efficientnet_lite0, the offline ImageNet backbone, as shipped: compiled,
+one worker) and the page server (web/server.py) beside it, then for 1 and 8 closed-loop clients
+(one keep-alive connection each, real photos) measures three paths, interleaved in rounds so that
+other load on a shared machine falls on all of them alike:
+
+- direct: PUT /predictions/MODEL to TorchServe (with the inference key);
+- page (raw): PUT /api/recognise?mode=MODEL to the page server (as curl -T does);
+- page (form): POST multipart/form-data with the photo in field ``photo`` (as the page's JavaScript does).
+
+Reports throughput, p50 and p99 latency; the page's overhead is its p50 minus direct's, and its
+throughput as a share of direct's. Targets: p50 overhead <= 3 ms, throughput >= 90% of direct.
+Writes the figures as markdown to stdout and to --out.
+Exit codes: 0 done (targets met or not: the report says), 2 bad arguments, 1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.client
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+# Scripts run as files (python benchmarks/x.py): make the project root importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import requests  # noqa: E402
+
+from handlers.machine import cpu_model  # noqa: E402
+from scripts.bench_serving import percentile  # noqa: E402
+from scripts.ts_runtime import PROJECT_ROOT, TorchServe, auth_header, free_port  # noqa: E402
+
+logger = logging.getLogger("bench_web")
+
+MODEL = "efficientnet_lite0"
+TARGET_P50_OVERHEAD_MS = 3.0
+TARGET_THROUGHPUT_SHARE = 0.90
+PATHS = ("direct", "page (raw)", "page (form)")
+INTERESTING_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="closed-loop client counts")
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per path, client count and round")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds; each measures every path once, in turn")
+    parser.add_argument("--max-requests", type=int, default=20000, help="request cap per measurement (a bound)")
+    parser.add_argument("--request-timeout", type=float, default=30.0, help="seconds before a request counts as failed")
+    parser.add_argument("--photos", type=Path, default=PROJECT_ROOT.parent / "shared" / "datasets" / "imagenet-sample500",
+                        help="folder of photos sent in turn (searched recursively; the first 32)")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "bench" / "web.md",
+                        help="markdown report written here")
+    return parser
+
+
+def load_photos(folder: Path, count: int = 32) -> list[bytes]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[:count]
+    if not files:
+        raise ValueError(f"no photos in {folder}")
+    return [p.read_bytes() for p in files]
+
+
+def multipart(photo: bytes) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"photo\"; filename=\"photo.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + photo + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def measure(base_url: str, path: str, method: str, bodies: list[tuple[bytes, dict]], clients: int, args) -> dict:
+    """``clients`` closed-loop clients for warmup + duration seconds; figures cover the measured window."""
+    url = urlsplit(base_url)
+    start = time.monotonic()
+    measure_from, stop_at = start + args.warmup, start + args.warmup + args.duration
+    records: list[tuple[float, float, int]] = []
+    lock = threading.Lock()
+    budget = [args.max_requests]
+
+    def client(index: int) -> None:
+        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=args.request_timeout)
+        position = index * len(bodies) // clients
+        try:
+            while time.monotonic() < stop_at:
+                with lock:
+                    if budget[0] <= 0:
+                        return
+                    budget[0] -= 1
+                body, headers = bodies[position % len(bodies)]
+                position += 1
+                sent = time.monotonic()
+                try:
+                    connection.request(method, path, body=body, headers=headers)
+                    response = connection.getresponse()
+                    response.read()
+                    status = response.status
+                except (OSError, http.client.HTTPException):
+                    status = 0
+                    connection.close()
+                    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=args.request_timeout)
+                with lock:
+                    records.append((sent, time.monotonic() - sent, status))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=args.warmup + args.duration + args.request_timeout + 5)
+    measured = [(s, latency, status) for s, latency, status in records if measure_from <= s + latency <= stop_at]
+    return {"latencies": [latency for _, latency, status in measured if status == 200],
+            "errors": sum(1 for *_, status in measured if status != 200), "window": args.duration}
+
+
+def build_archive(out: Path) -> Path:
+    command = [sys.executable, str(PROJECT_ROOT / "scripts" / "build_archive.py"), "--backbone", MODEL,
+               "--version", "1.0", "--out", str(out)]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return out / f"{MODEL}_v1.0.mar"
+
+
+def start_page(server: TorchServe, runtime: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "web.server", "--port", str(port), "--inference", server.inference_url,
+               "--management", server.management_url, "--key-file", str(server.key_file),
+               "--model-store", str(server.model_store), "--runtime-dir", str(runtime)]
+    log = open(runtime.parent / "page.log", "ab")
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the page server exited with {process.returncode}")
+        try:
+            if requests.get(url + "/api/status", timeout=2).status_code == 200:
+                return process, url
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    process.kill()
+    raise TimeoutError("the page server did not answer within 60 s")
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return " ".join(f for f in INTERESTING_FLAGS if f in flags) or "none of " + ", ".join(INTERESTING_FLAGS)
+
+
+def summarise(latencies: list[float], errors: int, seconds: float) -> dict:
+    ordered = sorted(latencies)
+    return {"requests": len(ordered), "errors": errors, "throughput": len(ordered) / seconds if seconds else 0.0,
+            "p50_ms": percentile(ordered, 50), "p99_ms": percentile(ordered, 99)}
+
+
+def report(args, results: dict, started: str) -> str:
+    command = "PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_web.py " + " ".join(sys.argv[1:])
+    lines = [
+        "# The page's overhead on recognising (benchmarks/bench_web.py)", "",
+        f"Run {started} UTC: `{command.strip()}`", "",
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores (flags: {cpu_flags()}), Python {platform.python_version()}. "
+        "The machine was **shared with other helpers' builds, trainings and tests** while this ran: absolute "
+        "figures move with their load; the paths were measured interleaved, round by round, so the ratios "
+        "between them are what counts.", "",
+        f"Setup: one TorchServe serving `{MODEL}` (compiled, 1 worker, batch size 8, the shipped archive "
+        "settings), the page server beside it (aiohttp, one pooled keep-alive session to TorchServe). "
+        f"Closed-loop clients on keep-alive connections, {args.rounds} round(s) x {args.duration:.0f} s per path "
+        f"and client count after {args.warmup:.0f} s warm-up; 32 real photos "
+        f"(`{args.photos.name}`) sent in turn.", "",
+        "| clients | path | requests | errors | throughput (req/s) | p50 (ms) | p99 (ms) | p50 overhead (ms) | throughput vs direct |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for clients, by_path in results.items():
+        direct = by_path["direct"]
+        for path, row in by_path.items():
+            overhead = share = ""
+            if path != "direct" and row["p50_ms"] is not None and direct["p50_ms"] is not None:
+                overhead_value = row["p50_ms"] - direct["p50_ms"]
+                share_value = row["throughput"] / direct["throughput"] if direct["throughput"] else 0.0
+                overhead, share = f"{overhead_value:+.1f}", f"{share_value:.0%}"
+                verdicts.append((clients, path, overhead_value, share_value))
+            lines.append(f"| {clients} | {path} | {row['requests']} | {row['errors']} | {row['throughput']:.1f} | "
+                         f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {overhead} | {share} |")
+    lines += ["", f"Targets: p50 overhead <= {TARGET_P50_OVERHEAD_MS:.0f} ms, throughput >= "
+                  f"{TARGET_THROUGHPUT_SHARE:.0%} of direct."]
+    for clients, path, overhead, share in verdicts:
+        met = overhead <= TARGET_P50_OVERHEAD_MS and share >= TARGET_THROUGHPUT_SHARE
+        lines.append(f"- {clients} client(s), {path}: {'met' if met else 'NOT met'} "
+                     f"(overhead {overhead:+.1f} ms, {share:.0%} of direct throughput)")
+    return "\n".join(lines) + "\n"
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.duration <= 0 or args.rounds < 1 or min(args.clients) < 1:
+        raise ValueError("--duration, --rounds and --clients must be positive")
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    photos = load_photos(args.photos)
+    with tempfile.TemporaryDirectory(prefix="bench-web-") as tmp:
+        root = Path(tmp)
+        archive = build_archive(root / "store")
+        server = TorchServe(model_store=root / "store", workdir=root / "work", models=f"{MODEL}={archive.name}")
+        server.start()
+        page = None
+        try:
+            page, page_url = start_page(server, root / "page")
+            key = auth_header(server.keys["inference"])
+            raw = [(p, {"Content-Type": "application/octet-stream"}) for p in photos]
+            targets = {
+                "direct": (server.inference_url, f"/predictions/{MODEL}", "PUT",
+                           [(p, {**h, **key}) for p, h in raw]),
+                "page (raw)": (page_url, f"/api/recognise?mode={MODEL}", "PUT", raw),
+                "page (form)": (page_url, f"/api/recognise?mode={MODEL}", "POST",
+                                [(body, {"Content-Type": ctype}) for body, ctype in map(multipart, photos)]),
+            }
+            collected = {c: {p: {"latencies": [], "errors": 0, "seconds": 0.0} for p in PATHS} for c in args.clients}
+            for round_index in range(args.rounds):
+                for clients in args.clients:
+                    order = PATHS if round_index % 2 == 0 else tuple(reversed(PATHS))
+                    for path in order:
+                        base, url_path, method, bodies = targets[path]
+                        outcome = measure(base, url_path, method, bodies, clients, args)
+                        into = collected[clients][path]
+                        into["latencies"] += outcome["latencies"]
+                        into["errors"] += outcome["errors"]
+                        into["seconds"] += outcome["window"]
+                        logger.info("round %d, %d client(s), %s: %d ok, %d errors", round_index + 1, clients, path,
+                                    len(outcome["latencies"]), outcome["errors"])
+            results = {c: {p: summarise(v["latencies"], v["errors"], v["seconds"]) for p, v in by.items()}
+                       for c, by in collected.items()}
+        finally:
+            if page is not None:
+                page.terminate()
+                page.wait(15)
+            server.stop()
+    text = report(args, results, started)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        sys.exit(main(get_args_parser().parse_args()))
+    except ValueError as exc:
+        logger.error("%s", exc)
+        sys.exit(2)
