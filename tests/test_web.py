@@ -266,8 +266,9 @@ def _fill_teaching_form(page, datasets_dir: Path, name: str) -> None:
 
 def _train_and_deploy(page, tmp_path: Path, step: str) -> str:
     """Click Train, follow the progress to the end, check the evaluation, deploy. Returns the version."""
+    previous = page.inner_text("#job-title") if page.is_visible("#job") else None
     page.click("#train")
-    page.wait_for_selector("#job:not([hidden])")
+    wait_until(page, f"!document.querySelector('#job').hidden && document.querySelector('#job-title').textContent !== {json.dumps(previous)}")
     seen = set()
     deadline = time.monotonic() + TRAIN_TIMEOUT_MS / 1000
     while time.monotonic() < deadline:
