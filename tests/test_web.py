@@ -127,9 +127,10 @@ def page(browser, page_server):
     assert not errors, f"JavaScript errors on the page: {errors}"
 
 
-def shot(page, tmp_path: Path, name: str) -> Path:
+def shot(page, tmp_path: Path, name: str, full_page: bool = True) -> Path:
+    """A screenshot of the step; ``docs-*`` ones (one screen, not the whole page) are the README's."""
     path = tmp_path / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
+    page.screenshot(path=str(path), full_page=full_page)
     return path
 
 
@@ -165,6 +166,7 @@ def test_recognise_coffee_in_the_imagenet_mode(page, samples_dir, tmp_path):
     page.set_input_files("input[type=file][name=photo]", str(samples_dir / "coffee.png"))
     page.wait_for_selector("#results li[data-label]")
     shot(page, tmp_path, "recognise-coffee")
+    shot(page, tmp_path, "docs-recognise", full_page=False)
     top = results(page)
     assert top[0][0] == "espresso" and top[0][1] > 0.5, top
     assert len(top) == 3 and top == sorted(top, key=lambda r: -r[1])
@@ -285,6 +287,7 @@ def _train_and_deploy(page, tmp_path: Path, step: str) -> str:
         assert "features" in seen, seen  # the live progress was shown
     page.wait_for_selector("#evaluation:not([hidden])")
     shot(page, tmp_path, f"{step}-evaluation")
+    page.locator("#job").screenshot(path=str(tmp_path / f"docs-teach-{step}.png"))
     assert "Accuracy" in page.inner_text("#eval-accuracy")
     assert len(page.query_selector_all("#eval-classes tbody tr")) == len(CLASSES)
     assert len(page.query_selector_all("#confusion tr")) == len(CLASSES) + 1
@@ -335,6 +338,7 @@ def test_teach_deploy_recognise_and_roll_back(page, page_server, datasets_dir, t
     card.query_selector("button.rollback").click()
     page.wait_for_selector("#modes-done:not([hidden])")
     shot(page, tmp_path, "modes-rolled-back")
+    shot(page, tmp_path, "docs-modes", full_page=False)
     assert default_versions(page_server)[name][0] == "1"
     row = page.wait_for_selector(f"article[data-mode={name}] tr[data-version='1'].default")
     assert "%" in row.inner_text()  # accuracy from the manifest

@@ -451,12 +451,12 @@ async function modeAction(path, body, what) {
   const result = await operator(path, {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body || {}),
   });
+  await loadModes();  // the table shows the new state before the confirmation does
   if (!result.ok) {
     show($("#modes-error"), errorText(result.body));
   } else {
     show($("#modes-done"), t("done_ok", { what }));
   }
-  await loadModes();
 }
 
 function renderModes() {
@@ -472,7 +472,7 @@ function renderModes() {
     const title = document.createElement("h3");
     title.textContent = modeLabel(mode);
     const table = document.createElement("table");
-    table.innerHTML = `<thead><tr><th>${t("version", { v: "" }).trim()}</th><th>${t("acc")}</th><th>${t("trained")}</th><th>${t("workers")}</th><th></th></tr></thead>`;
+    table.innerHTML = `<thead><tr><th>${t("version", { v: "" }).trim()}</th><th>${t("acc")}</th><th>${t("trained")}</th><th>${t("workers")}</th></tr></thead>`;
     const body = document.createElement("tbody");
     for (const version of mode.versions) {
       const row = document.createElement("tr");
@@ -481,13 +481,18 @@ function renderModes() {
       const cells = [
         version.version + (version.default ? ` (${t("default")})` : ""),
         pct(version.accuracy),
-        (version.trained_at || "").replace("T", " ").replace("+00:00", " UTC"),
+        (version.trained_at || "").replace("T", " ").slice(0, 16),
         `${version.workers.filter((w) => w.status === "READY").length}/${version.workers.length}`,
       ];
       for (const value of cells) {
         const td = document.createElement("td"); td.textContent = value; row.append(td);
       }
+      // Actions on a row of their own: the table stays within a phone's width.
+      const actionsRow = document.createElement("tr");
+      actionsRow.className = "actions-row";
+      actionsRow.dataset.version = version.version;
       const actions = document.createElement("td");
+      actions.colSpan = 4;
       actions.className = "actions";
       if (!version.default) {
         actions.append(button(t("make_default"), () => modeAction(`/api/modes/${mode.name}/default`, { version: version.version }, `${mode.name} → v${version.version}`), "make-default"));
@@ -502,8 +507,8 @@ function renderModes() {
       workers.className = "workers";
       workers.setAttribute("aria-label", `${t("workers")} ${mode.name} v${version.version}`);
       actions.append(workers, button(t("scale"), () => modeAction(`/api/modes/${mode.name}/scale`, { version: version.version, workers: Number(workers.value) }, `${mode.name} v${version.version}: ${workers.value} ${t("workers")}`), "scale"));
-      row.append(actions);
-      body.append(row);
+      actionsRow.append(actions);
+      body.append(row, actionsRow);
     }
     table.append(body);
     card.append(title, table);
