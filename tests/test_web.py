@@ -176,6 +176,21 @@ def test_recognise_coffee_in_the_imagenet_mode(page, samples_dir, tmp_path):
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
 
 
+def test_the_page_works_by_keyboard(page):
+    page.focus("#tab-recognise")
+    page.keyboard.press("ArrowRight")
+    assert page.evaluate("document.activeElement.id") == "tab-teach"
+    assert page.is_visible("#panel-teach") and not page.is_visible("#panel-recognise")
+    page.keyboard.press("ArrowLeft")
+    assert page.evaluate("document.activeElement.id") == "tab-recognise"
+    # Tab reaches the mode drop-down and the photo input (Enter or Space opens a file chooser).
+    reached = []
+    for _ in range(8):
+        page.keyboard.press("Tab")
+        reached.append(page.evaluate("document.activeElement.name || document.activeElement.id"))
+    assert "mode" in reached and "photo" in reached, reached
+
+
 def test_the_page_speaks_simplified_chinese(browser, page_server, tmp_path):
     context = browser.new_context(viewport={"width": 375, "height": 812}, locale="zh-CN")
     tab = context.new_page()

@@ -327,9 +327,7 @@ class Page:
         path = (data / request.query.get("file", "")).resolve()
         if data not in path.parents or not path.is_file():
             return error("not_found", 404)
-        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"
-                                               if path.suffix.lower() not in teaching.PHOTO_SUFFIXES else
-                                               f"image/{path.suffix.lower().lstrip('.').replace('jpg', 'jpeg')}"})
+        return web.FileResponse(path)  # Content-Type from the suffix; nosniff is set on every answer
 
     async def deploy_job(self, request: web.Request) -> web.Response:
         refused = self._refused(request)

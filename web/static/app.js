@@ -224,7 +224,7 @@ function renderClasses() {
     card.className = "class-card";
     card.innerHTML = `<legend></legend>
       <div class="row"><label></label><input class="class-name" required maxlength="64"></div>
-      <div class="row"><label class="button"></label><input type="file" class="visually-hidden class-photos" multiple accept="image/*">
+      <div class="row"><input type="file" class="visually-hidden class-photos" multiple accept="image/*"><label class="button"></label>
       <span class="count hint"></span><button type="button" class="remove"></button></div>
       <div class="thumbs"></div>`;
     const nameId = `class-name-${index}`, photosId = `class-photos-${index}`;
