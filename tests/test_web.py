@@ -309,6 +309,7 @@ def _train_and_deploy(page, tmp_path: Path, step: str) -> str:
     version = page.inner_text("#job-title").rsplit("v", 1)[1]
     page.click("#deploy")
     page.wait_for_selector("#job[data-status=deployed]", timeout=TRAIN_TIMEOUT_MS)
+    assert not page.is_visible("#deploy")  # nothing left to deploy
     shot(page, tmp_path, f"{step}-deployed")
     return version
 
