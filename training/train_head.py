@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ from training.data import DataError, Dataset, load_dataset, readable_images
 from training.evaluation import (auroc, draw_confusion, evaluate, format_table, fpr_at_keep,
                                  openset_confusion, write_report)
 from training.features import Augmentation, FeatureExtractor, default_cache_dir
+from training.progress import ProgressWriter
 
 logger = logging.getLogger("train_head")
 
@@ -99,6 +101,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     features.add_argument("--extract-batch-size", type=int, default=32, help="images per backbone forward pass")
     features.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     features.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    features.add_argument("--progress-file", type=Path, default=None,
+                          help="append machine-readable progress here, one JSON line per step "
+                               "(training/progress.py; the web page follows it)")
 
     head = parser.add_argument_group("head")
     head.add_argument("--weight-decay", type=float, default=None,
@@ -283,9 +288,20 @@ def pick_check_images(dataset: Dataset, per_class: int) -> list[tuple[Path, str]
 def training_record(args: argparse.Namespace, name: str) -> dict:
     record = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     record["name"] = name
-    for private in ("register", "key_file", "model_store", "cache_dir"):  # where, not how, it was trained
+    for private in ("register", "key_file", "model_store", "cache_dir", "progress_file"):  # where, not how
         record.pop(private, None)
     return record
+
+
+def wrong_predictions(probabilities: torch.Tensor, dataset: Dataset) -> list[dict]:
+    """The validation photos the head got wrong, most confident mistakes first."""
+    confidence, predicted = probabilities.max(dim=1)
+    wrong = [
+        {"file": str(sample.path), "true": dataset.classes[sample.label],
+         "predicted": dataset.classes[int(guess)], "probability": round(float(p), 4)}
+        for sample, guess, p in zip(dataset.val, predicted, confidence) if int(guess) != sample.label
+    ]
+    return sorted(wrong, key=lambda item: -item["probability"])
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -293,6 +309,8 @@ def main(args: argparse.Namespace) -> Path:
     stages below, timed one by one (the report's ``timings_s``)."""
     timer = StageTimer()
     name = check_args(args)
+    progress = ProgressWriter(args.progress_file)
+    progress.stage("data")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     backbone = get_backbone(args.backbone)
     weights = backbone.resolve_weights(args.weights)
@@ -303,14 +321,19 @@ def main(args: argparse.Namespace) -> Path:
         extractor = make_extractor(args, backbone.name, weights)
         # auto may choose a head that uses augmented views: extract them for it (cached after the first run).
         views = args.views if args.head == AUTO_HEAD or HEADS[args.head].uses_views else 0
+        extractor.on_progress = progress.advance
+        progress.start_features(len(dataset.train) * (1 + views) + len(dataset.val))
         features = extract_features(extractor, dataset, views, args.seed)
+    progress.stage("fit")
     with timer("fit"):
         head, fit_summary = fit_head(args.head, backbone.feature_dim, len(dataset.classes), features, args)
     logger.info("fitted %s head on %d images: %s", head.kind, len(dataset.train),
                 json.dumps({k: v for k, v in fit_summary.items() if k != "auto"}))
+    progress.stage("evaluate")
     unknown = unknown_features(extractor, args.unknown) if args.unknown else None
     metrics, openset = evaluate_head(head, features, dataset.classes, unknown, fit_summary["rejection"])
     info = archive_record(args, name, dataset, head, fit_summary, metrics)
+    progress.stage("archive")
     with timer("archive"):
         archive = build_archive(
             name=name, version=args.version, backbone_name=backbone.name, weights_path=weights,
@@ -318,8 +341,11 @@ def main(args: argparse.Namespace) -> Path:
             check_images=pick_check_images(dataset, args.check_images), batching=batching_from_args(args),
             compile_with=compile_with_from_args(args), overwrite=args.force,
         )
-    write_outputs(args, archive, info, metrics, openset, dataset.classes, head.kind, unknown is not None,
-                  extractor, timer)
+    with torch.no_grad():
+        wrong = wrong_predictions(head(features["val"]).softmax(dim=1), dataset) if metrics is not None else []
+    write_outputs(args, archive, {**info, "wrong_validation": wrong}, metrics, openset, dataset.classes, head.kind,
+                  unknown is not None, extractor, timer)
+    progress.stage("done", archive=str(archive), accuracy=None if metrics is None else metrics["accuracy"])
     if args.register:
         register_archive(archive, management_url=args.register, key_file=args.key_file,
                          model_store=args.model_store, workers=args.workers, timeout=args.register_timeout)
@@ -374,6 +400,7 @@ def archive_record(args: argparse.Namespace, name: str, dataset: Dataset, head: 
                    metrics: dict | None) -> dict:
     """The manifest entries of a head archive: how it was trained, on what, and how well it did."""
     return {
+        "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "training": training_record(args, name),
         "data": {
             "fingerprint": dataset.fingerprint(),

@@ -1,6 +1,6 @@
 """The house's rules, checked: a worker imports only handlers/, and imports point one way.
 
-entry points (scripts/, benchmarks/) -> library (imagerec/, training/) -> core (handlers/).
+entry points (scripts/, web/, benchmarks/) -> library (imagerec/, training/) -> core (handlers/).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from imagerec.paths import PROJECT_ROOT
 from imagerec.torchserve import serving_python
 
-PROJECT_PACKAGES = ("handlers", "imagerec", "training", "benchmarks", "scripts", "tests")
+PROJECT_PACKAGES = ("handlers", "imagerec", "training", "benchmarks", "scripts", "web", "tests")
 # What each folder may import from the project (besides itself).
 ALLOWED = {
     "handlers": set(),
@@ -22,6 +22,7 @@ ALLOWED = {
     "training": {"handlers", "imagerec"},
     "benchmarks": {"handlers", "imagerec", "training"},
     "scripts": {"handlers", "imagerec", "training"},
+    "web": {"handlers", "imagerec", "training"},
 }
 # Build-side modules a worker must never load when it imports handlers/ (the registry's build-side
 # hooks, such as resolving resnet18's weights with torchvision, import them lazily, and a worker never
