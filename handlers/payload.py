@@ -36,4 +36,5 @@ def request_bytes(row: dict) -> bytes:
         "an image or application/octet-stream Content-Type (curl -T photo.jpg) or as multipart "
         "(curl -F data=@photo.jpg)",
         status=415,
+        kind="wrong_content_type",
     )

@@ -21,6 +21,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handlers.archive import BatchingConfig
 from handlers.constants import TOP_K, VERSION_HEADER
+from handlers.handler_metrics import HandlerMetrics
 from handlers.imaging import ImageError, ImagePreprocessor
 from handlers.payload import Batch, request_bytes
 from handlers.recognizer import load_recognizer
@@ -52,6 +53,7 @@ class RecognitionHandler(BaseHandler):
         self.top_k = min(TOP_K, len(self.labels))
         self.device = torch.device("cpu")
         self.manifest = context.manifest
+        self.handler_metrics = HandlerMetrics(str(context.model_name), self.version)
         self.initialized = True
         self._last_batch = time.monotonic()
         self._trim_timer = None
@@ -148,5 +150,10 @@ class RecognitionHandler(BaseHandler):
         for index in range(batch.size):
             self.context.set_response_content_type(index, "application/json")
             self.context.set_response_header(index, VERSION_HEADER, self.version)
+        self.handler_metrics.record(
+            getattr(self.context, "metrics", None),
+            top1_labels=[responses[index][0]["label"] for index in batch.rows if responses[index]],
+            bad_input_kinds=[error.kind for error in batch.errors.values()],
+        )
         self._batch_done()
         return responses
