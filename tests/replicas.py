@@ -1,0 +1,114 @@
+"""Real processes of one serving replica for tests: the gateway (scripts/gateway.py) and serve.py.
+
+Each process runs in its own session (so a test can signal it and everything it started), logs to
+a file in its working directory, and is stopped by ``stop()`` (SIGTERM, then SIGKILL after a bound).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from scripts.ts_runtime import free_port
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_model_set(path: Path, revision: str, models: list[dict]) -> Path:
+    path.write_text(json.dumps({"revision": revision, "models": models}, indent=1))
+    return path
+
+
+class Process:
+    """A child process in its own session with its output in ``log``."""
+
+    def __init__(self, command: list[str], log: Path, env: dict | None = None):
+        self.command, self.log = command, log
+        self.env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **(env or {})}
+        self.popen: subprocess.Popen | None = None
+
+    def start(self) -> "Process":
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.popen = subprocess.Popen(self.command, cwd=PROJECT_ROOT, env=self.env, stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM the session; SIGKILL what is left after ``timeout``. Returns the exit code."""
+        if self.popen is None:
+            return None
+        self.signal(signal.SIGTERM)
+        code = self.wait(timeout)
+        self.signal(signal.SIGKILL)  # anything of the session still there (workers of a killed server)
+        if code is None:
+            code = self.wait(10)
+        return code
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class GatewayProcess(Process):
+    """scripts/gateway.py in front of one TorchServe (a ts_runtime.TorchServe or its URLs)."""
+
+    def __init__(self, workdir: Path, *, inference_url: str, management_url: str, metrics_url: str, key_file: Path,
+                 model_store: Path, model_set: Path, token_file: Path, shutdown_delay: float = 1.0,
+                 port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, str(PROJECT_ROOT / "scripts" / "gateway.py"), "--port", str(self.port),
+                   "--model-set", str(model_set), "--token-file", str(token_file),
+                   "--inference", inference_url, "--management", management_url, "--metrics", metrics_url,
+                   "--key-file", str(key_file), "--model-store", str(model_store),
+                   "--shutdown-delay", str(shutdown_delay), "--prepare-timeout", "180"]
+        super().__init__(command, workdir / "gateway.log")
+
+    @classmethod
+    def for_server(cls, server, workdir: Path, **kwargs) -> "GatewayProcess":
+        return cls(workdir, inference_url=server.inference_url, management_url=server.management_url,
+                   metrics_url=server.metrics_url, key_file=server.key_file, model_store=server.model_store, **kwargs)
+
+    def readiness(self) -> tuple[int, dict]:
+        try:
+            response = requests.get(self.url + "/ready", timeout=5)
+            return response.status_code, response.json()
+        except (requests.RequestException, ValueError) as exc:
+            return -1, {"reason": exc.__class__.__name__}
+
+    def wait_for(self, predicate, timeout: float = 240.0) -> tuple[int, dict]:
+        """Poll /ready until predicate(status, body) holds; the last (status, body) either way."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, body = self.readiness()
+            if predicate(status, body) or time.monotonic() > deadline:
+                return status, body
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.popen.returncode}:\n{self.tail()}")
+            time.sleep(0.5)
+
+    def wait_ready(self, timeout: float = 240.0) -> None:
+        status, body = self.wait_for(lambda s, b: s == 200, timeout)
+        assert status == 200, f"gateway not ready after {timeout:.0f}s: {body}\n{self.tail()}"
