@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts run as files
 
 from handlers.naming import archive_file_name  # noqa: E402
-from scripts.ts_runtime import PROJECT_ROOT, TorchServe, shipped_ports  # noqa: E402
+from scripts.ts_runtime import PROJECT_ROOT, TorchServe, free_port, shipped_ports  # noqa: E402
 
 # Keep this process light (it stays alive beside TorchServe): torch is imported only by the
 # build_archive.py subprocess.
@@ -43,6 +43,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--restore", action=argparse.BooleanOptionalAction, default=True,
                         help="bring back the models and default versions registered before the last stop "
                              "(TorchServe snapshots in <workdir>/logs/config)")
+    parser.add_argument("--ports", type=int, nargs=3, default=None, metavar=("INFERENCE", "MANAGEMENT", "METRICS"),
+                        help="loopback ports instead of config.properties' (gRPC ports are then picked free): "
+                             "several servers side by side, e.g. local replicas behind a load balancer")
     return parser
 
 
@@ -63,7 +66,9 @@ def main(args: argparse.Namespace) -> int:
         model_store=args.model_store,
         workdir=args.workdir,
         models=f"{args.backbone}={archive.name}",
-        ports=shipped_ports(),
+        ports=tuple(args.ports) if args.ports else shipped_ports(),
+        overrides={"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())}
+        if args.ports else None,
     )
     # Ctrl-C or a service manager's SIGTERM: stop TorchServe and its workers with us.
     signal.signal(signal.SIGTERM, _interrupt)

@@ -24,6 +24,8 @@ missing=()
 [ "$(java_major)" -ge 17 ] || missing+=(openjdk-17-jre-headless)
 # AOTInductor compiles each archive's backbone with it (handlers/compile_backbone.py).
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
+# The local rolling-update test puts HAProxy in front of three replicas (tests/test_rolling_update.py).
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   apt_install "${missing[@]}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,3 +113,78 @@ class GatewayProcess(Process):
     def wait_ready(self, timeout: float = 240.0) -> None:
         status, body = self.wait_for(lambda s, b: s == 200, timeout)
         assert status == 200, f"gateway not ready after {timeout:.0f}s: {body}\n{self.tail()}"
+
+
+class ServeProcess(Process):
+    """scripts/serve.py (TorchServe in the foreground) on its own ports and working directory."""
+
+    def __init__(self, workdir: Path, model_store: Path, backbone: str, version: str,
+                 ports: tuple[int, int, int] | None = None, extra_args: tuple[str, ...] = ()):
+        self.ports = ports or (free_port(), free_port(), free_port())
+        self.workdir = workdir
+        self.inference_url, self.management_url, self.metrics_url = (f"http://127.0.0.1:{p}" for p in self.ports)
+        self.key_file = workdir / "key_file.json"
+        self.model_store = model_store
+        command = [sys.executable, str(PROJECT_ROOT / "scripts" / "serve.py"), "--backbone", backbone,
+                   "--version", version, "--model-store", str(model_store), "--workdir", str(workdir),
+                   "--no-restore", "--ports", *map(str, self.ports), *extra_args]
+        super().__init__(command, workdir.parent / f"{workdir.name}-serve.log")
+
+
+def serve_supports(flag: str) -> bool:
+    """Whether scripts/serve.py has a command-line flag (e.g. --drain-timeout)."""
+    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "serve.py"), "--help"],
+                            capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT,
+                            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    return flag in result.stdout
+
+
+class HAProxy(Process):
+    """Debian's haproxy in the foreground, round-robin over servers, health-checking their /ready."""
+
+    def __init__(self, workdir: Path, servers: list[str], check_interval_ms: int = 300):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        lines = [
+            "global", "    maxconn 512",
+            "defaults", "    mode http", "    timeout connect 2s", "    timeout client 150s",
+            "    timeout server 150s", "    timeout queue 30s",
+            # A connection refused (a replica that just closed its port) is retried on another replica;
+            # a request already sent is never replayed (it may be running on the killed replica).
+            "    retries 3", "    option redispatch 1", "    retry-on conn-failure",
+            # One backend connection per request: no stale keep-alive connection to a draining replica.
+            "    option http-server-close", "    http-reuse never",
+            "frontend clients", f"    bind 127.0.0.1:{self.port}", "    default_backend replicas",
+            "backend replicas", "    balance roundrobin", "    option httpchk GET /ready",
+            "    http-check expect status 200",
+            f"    default-server inter {check_interval_ms} fall 1 rise 1",
+        ] + [f"    server r{i} {address} check" for i, address in enumerate(servers)]
+        config = workdir / "haproxy.cfg"
+        config.write_text("\n".join(lines) + "\n")
+        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        super().__init__([haproxy, "-db", "-f", str(config)], workdir / "haproxy.log")
+
+
+class TokenClient:
+    """The ``predict`` of ts_runtime.TorchServe against a gateway URL with the client token (for LoadClients)."""
+
+    def __init__(self, url: str, token: str):
+        self.url, self.token = url.rstrip("/"), token
+
+    def predict(self, model: str, data: bytes, session=None, timeout: float = 60.0) -> requests.Response:
+        return (session or requests).put(f"{self.url}/predictions/{model}", data=data, timeout=timeout,
+                                         headers={"Authorization": f"Bearer {self.token}",
+                                                  "Content-Type": "application/octet-stream"})
+
+
+class KeyClient:
+    """``predict`` straight to a TorchServe with its own inference key (read at each call: restarts)."""
+
+    def __init__(self, inference_url: str, key_file: Path):
+        self.url, self.key_file = inference_url, key_file
+
+    def predict(self, model: str, data: bytes, session=None, timeout: float = 60.0) -> requests.Response:
+        key = json.loads(self.key_file.read_text())["inference"]["key"]
+        return (session or requests).put(f"{self.url}/predictions/{model}", data=data, timeout=timeout,
+                                         headers={"Authorization": f"Bearer {key}",
+                                                  "Content-Type": "application/octet-stream"})
