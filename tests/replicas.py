@@ -164,6 +164,18 @@ class HAProxy(Process):
         haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
         super().__init__([haproxy, "-db", "-f", str(config)], workdir / "haproxy.log")
 
+    def wait_serving(self, timeout: float = 30.0) -> None:
+        """Until HAProxy listens and routes /ready to a ready replica (clients must not race its start)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if requests.get(self.url + "/ready", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline and self.popen.poll() is None, f"HAProxy not serving:\n{self.tail()}"
+            time.sleep(0.2)
+
 
 class TokenClient:
     """The ``predict`` of ts_runtime.TorchServe against a gateway URL with the client token (for LoadClients)."""

@@ -159,7 +159,7 @@ def test_rolling_update_v1_to_v2_then_kill_one(model_store, samples_dir, dataset
             replica.start(sets["1"])
         for replica in replicas:
             replica.gateway.wait_ready(READY_TIMEOUT_S)
-        proxy.start()
+        proxy.start().wait_serving()
         with LoadClients(TokenClient(proxy.url, TOKEN), NAME, val_photos(datasets_dir), clients=CLIENTS,
                          max_seconds=1800, timeout=120) as clients:
             time.sleep(5)
