@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import requests
 
 from scripts.ts_runtime import free_port
@@ -54,13 +55,31 @@ class Process:
         except subprocess.TimeoutExpired:
             return None
 
+    def tree(self) -> list[psutil.Process]:
+        """The process and all its descendants (TorchServe runs in a session of its own under serve.py)."""
+        try:
+            root = psutil.Process(self.popen.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill_tree(self, processes: list[psutil.Process] | None = None) -> None:
+        """SIGKILL the whole tree at once, as a container's death takes every process in it."""
+        for process in processes if processes is not None else self.tree():
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+
     def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGTERM the session; SIGKILL what is left after ``timeout``. Returns the exit code."""
+        """SIGTERM the session; SIGKILL what is left of the tree after ``timeout``. Returns the exit code."""
         if self.popen is None:
             return None
+        tree = self.tree()  # before the signal: an orphaned grandchild has no parent to be found by
         self.signal(signal.SIGTERM)
         code = self.wait(timeout)
-        self.signal(signal.SIGKILL)  # anything of the session still there (workers of a killed server)
+        self.signal(signal.SIGKILL)
+        self.kill_tree([p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE])
         if code is None:
             code = self.wait(10)
         return code

@@ -11,7 +11,6 @@ bounded by timeouts everywhere.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -84,33 +83,23 @@ class Replica:
         """As Kubernetes stops a pod: the gateway drains first (unready, then closed), then serve.py stops."""
         self.gateway.signal(signal.SIGTERM)
         assert self.gateway.wait(90) == 0, self.gateway.tail()
+        tree = self.serve.tree()
         self.serve.popen.send_signal(signal.SIGTERM)  # serve.py only, as the kubelet signals PID 1
         assert self.serve.wait(120) is not None, self.serve.tail()
-        self.serve.stop(10)  # anything of its session left behind is a bug the next assert reports
-        assert not session_members(self.serve.popen.pid)
+        gone, alive = psutil.wait_procs(tree, timeout=30)
+        assert not alive, f"left running after serve.py exited: {alive}"
 
-    def kill(self) -> None:
-        for process in (self.gateway, self.serve):
-            process.signal(signal.SIGKILL)
-        self.gateway.wait(30)
-        self.serve.wait(30)
-        deadline = time.monotonic() + 30
-        while session_members(self.serve.popen.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
+    def kill(self) -> list[psutil.Process]:
+        """kill -9 every process of the replica at once (gateway, serve.py, TorchServe, its workers)."""
+        victims = self.gateway.tree() + self.serve.tree()
+        self.serve.kill_tree(victims)
+        psutil.wait_procs(victims, timeout=30)
+        self.gateway.wait(10)
+        self.serve.wait(10)
+        return victims
 
     def default_version(self, name: str) -> str:
         return Client(self.serve.management_url, self.serve.key_file, self.store).default_version(name)
-
-
-def session_members(session_id: int) -> list[psutil.Process]:
-    members = []
-    for process in psutil.process_iter(["status"]):
-        try:
-            if process.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(process.pid) == session_id:
-                members.append(process)
-        except (ProcessLookupError, psutil.Error, OSError):
-            continue
-    return members
 
 
 @pytest.mark.xfail(not DRAIN_SUPPORTED, strict=False,
@@ -132,6 +121,7 @@ def test_sigterm_under_load_answers_every_request_sent_before(model_store, datas
             time.sleep(1)
         with LoadClients(client, BACKBONE, val_photos(datasets_dir), clients=CLIENTS, max_seconds=300) as clients:
             time.sleep(8)
+            tree = serve.tree()
             signalled = time.monotonic()
             serve.popen.send_signal(signal.SIGTERM)
             code = serve.wait(120)
@@ -143,7 +133,8 @@ def test_sigterm_under_load_answers_every_request_sent_before(model_store, datas
         assert len(before) >= CLIENTS
         failed = [r for r in before if r[2] != 200]
         assert not failed, f"{len(failed)} of {len(before)} requests sent before SIGTERM failed: {failed[:3]}"
-        assert not session_members(serve.popen.pid), "processes left running after serve.py exited"
+        gone, alive = psutil.wait_procs(tree, timeout=30)
+        assert not alive, f"left running after serve.py exited: {alive}"
     finally:
         serve.stop(30)
 
@@ -172,7 +163,9 @@ def test_rolling_update_v1_to_v2_then_kill_one(model_store, samples_dir, dataset
             time.sleep(5)
             killed = replicas[0]
             killed_at = time.monotonic()
-            killed.kill()
+            victims = killed.kill()
+            assert len(victims) >= 5, victims  # gateway, serve.py, TorchServe's launcher and Java, workers
+            assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in victims)
             time.sleep(5)  # HAProxy notices within its check interval; new requests go to the others
             killed.start(sets["2"])  # as the Deployment replaces a dead pod
             killed.gateway.wait_ready(READY_TIMEOUT_S)
