@@ -155,3 +155,16 @@ def normalised(objects: list[dict]) -> dict:
 @pytest.mark.parametrize("target", ["base", "overlays/example"])
 def test_lite_renderer_agrees_with_kubectl(tree, target):
     assert normalised(render(tree / target)) == normalised(kubectl_render(tree / target))
+
+
+def test_dashboard_queries_exported_metrics():
+    """Every metric the Grafana dashboard queries is declared in metrics.yaml (so it is exported)."""
+    import json
+
+    config = yaml.safe_load((PROJECT_ROOT / "metrics.yaml").read_text())
+    declared = {m["name"] for section in ("ts_metrics", "model_metrics")
+                for metrics in config[section].values() for m in metrics}
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"rate\((\w+)\[", target["expr"])}
+    assert queried and queried <= declared, queried - declared
