@@ -38,7 +38,8 @@ from aiohttp import web
 
 from handlers.constants import MAX_REQUEST_BYTES
 from imagerec.model_set import ModelSet
-# TorchServe's key file reader; moves to imagerec/ with the restructure (issue 10).
+# The key file reader and the lifecycle errors; they move to imagerec/ with the restructure (issue 10).
+from scripts.manage import EXIT_FAILED, EXIT_UNREACHABLE, ManageError
 from scripts.ts_runtime import read_keys
 
 logger = logging.getLogger(__name__)
@@ -155,8 +156,6 @@ class Gateway:
         self.draining = True
 
     async def _prepare_then_poll(self) -> None:
-        from scripts.manage import EXIT_FAILED, EXIT_UNREACHABLE, ManageError  # noqa: PLC0415 (see model_set)
-
         delay = 1.0
         while not self.prepared:
             try:
@@ -170,6 +169,10 @@ class Gateway:
                 logger.info("%s; retrying in %.0f s", self.not_ready_reason, delay)
                 await asyncio.sleep(delay)
                 delay = min(10.0, delay * 2)
+            except Exception as exc:  # noqa: BLE001 - e.g. an unreadable check image: say why, stay unready
+                self.not_ready_reason = f"model set {self.model_set.revision}: {exc.__class__.__name__}: {exc}"
+                logger.exception("preparing the model set failed (not retried)")
+                return
         logger.info("model set %s prepared", self.model_set.revision)
         while True:
             try:
