@@ -22,9 +22,10 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 class ImageError(ValueError):
     """The bytes cannot become an image the model may see. ``status`` is the HTTP code to answer."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, kind: str = "corrupt"):
         super().__init__(message)
         self.status = status
+        self.kind = kind  # a short, fixed name for metrics (handlers/handler_metrics.py)
 
 
 def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
@@ -39,7 +40,7 @@ def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
     tiny files that resizing would blow up), all from the header, before any pixel is decoded.
     """
     if not data:
-        raise ImageError("empty request body: send the image bytes (curl -T photo.jpg URL)")
+        raise ImageError("empty request body: send the image bytes (curl -T photo.jpg URL)", kind="empty")
     try:
         # Pillow's own bomb check warns above Image.MAX_IMAGE_PIXELS and raises above twice that;
         # ours below is stricter and is what callers see.
@@ -51,9 +52,10 @@ def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
             f"body is not an image ({len(data)} bytes, starts with {data[:8]!r}); "
             f"send one of {', '.join(ACCEPTED_FORMATS)}",
             status=415,
+            kind="not_an_image",
         ) from None
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"image refused as a decompression bomb: {exc}", status=413) from None
+        raise ImageError(f"image refused as a decompression bomb: {exc}", status=413, kind="too_large") from None
     except Exception as exc:  # Pillow raises many types on malformed headers
         raise ImageError(f"cannot read image header: {exc}") from None
 
@@ -61,6 +63,7 @@ def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
         raise ImageError(
             f"unsupported image format {image.format}; send one of {', '.join(ACCEPTED_FORMATS)}",
             status=415,
+            kind="unsupported_format",
         )
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
@@ -68,6 +71,7 @@ def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
             f"image of {width}x{height} = {width * height / 1e6:.0f} megapixels exceeds the limit "
             f"of {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels (decompression bomb?)",
             status=413,
+            kind="too_large",
         )
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
@@ -77,7 +81,7 @@ def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
             f"image of {width}x{height} exceeds the aspect ratio limit of {MAX_ASPECT_RATIO}:1 "
             f"(resizing its short side to the model input would make it "
             f"{max(width, height) / min(width, height) * RESIZE_SIZE / 1e3:.0f}k pixels long)",
-            status=413,
+            status=413, kind="too_thin",
         )
 
     if min_side and image.format == "JPEG":

@@ -10,11 +10,13 @@ from handlers.imaging import ImageError
 
 
 class RequestError(ValueError):
-    """A request the model cannot answer as asked (e.g. a bad header); ``status`` is the HTTP code."""
+    """A request the model cannot answer as asked (e.g. a bad header); ``status`` is the HTTP code,
+    ``kind`` its short fixed name for metrics (handlers/handler_metrics.py)."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, kind: str = "bad_request"):
         super().__init__(message)
         self.status = status
+        self.kind = kind
 
 
 @dataclass
@@ -46,4 +48,5 @@ def request_bytes(row: dict) -> bytes:
         "an image or application/octet-stream Content-Type (curl -T photo.jpg) or as multipart "
         "(curl -F data=@photo.jpg)",
         status=415,
+        kind="wrong_content_type",
     )

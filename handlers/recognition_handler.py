@@ -26,6 +26,7 @@ from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers.constants import KEEP_HEADER, TOP_K, UNKNOWN_LABEL, VERSION_HEADER
+from handlers.handler_metrics import HandlerMetrics
 from handlers.imaging import ImageError, ImagePreprocessor
 from handlers.machine import worker_threads
 from handlers.payload import Batch, RequestError, request_bytes
@@ -59,6 +60,7 @@ class RecognitionHandler(BaseHandler):
         self.top_k = min(TOP_K, len(self.labels))
         self.device = torch.device("cpu")
         self.manifest = context.manifest
+        self.handler_metrics = HandlerMetrics(str(context.model_name), self.version)
         self.initialized = True
         self._last_batch = time.monotonic()
         self._trim_timer = None
@@ -156,11 +158,12 @@ class RecognitionHandler(BaseHandler):
         try:
             keep = validate_keep(value.strip())
         except ValueError as error:
-            raise RequestError(f"{KEEP_HEADER}: {error}") from None
+            raise RequestError(f"{KEEP_HEADER}: {error}", kind="bad_keep_header") from None
         if rule is None:
             if keep < 1.0:
                 raise RequestError(f"{KEEP_HEADER}: this model has no rejection rule (it answers a class for "
-                                   f"every photo); send {KEEP_HEADER}: 1 or no {KEEP_HEADER} header")
+                                   f"every photo); send {KEEP_HEADER}: 1 or no {KEEP_HEADER} header",
+                                   kind="bad_keep_header")
             return None
         return rule.threshold_for(keep)
 
@@ -202,5 +205,10 @@ class RecognitionHandler(BaseHandler):
         for index in range(batch.size):
             self.context.set_response_content_type(index, "application/json")
             self.context.set_response_header(index, VERSION_HEADER, self.version)
+        self.handler_metrics.record(
+            getattr(self.context, "metrics", None),
+            top1_labels=[responses[index][0]["label"] for index in batch.rows if responses[index]],
+            bad_input_kinds=[error.kind for error in batch.errors.values()],
+        )
         self._batch_done()
         return responses

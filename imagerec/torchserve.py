@@ -165,6 +165,9 @@ class TorchServe:
             metrics_address=self.metrics_url,
             model_store=str(self.model_store),
         )
+        metrics_config = self.properties.get("metrics_config")
+        if metrics_config and not Path(metrics_config).is_absolute():  # relative to config.properties
+            self.properties["metrics_config"] = str(SHIPPED_CONFIG.parent / metrics_config)
         if ports is None:  # side-by-side servers: gRPC ports must not clash either
             self.properties.update(grpc_inference_port=str(free_port()), grpc_management_port=str(free_port()))
         if models:

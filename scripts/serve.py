@@ -25,7 +25,7 @@ from pathlib import Path
 from imagerec.cli import EXIT_BAD_ARGUMENTS, EXIT_FAILED, EXIT_NO_WEIGHTS, run_cli
 from imagerec.naming import archive_file_name
 from imagerec.paths import DEFAULT_MODEL_STORE, DEFAULT_RUNTIME_DIR, PROJECT_ROOT
-from imagerec.torchserve import DEFAULT_DRAIN_TIMEOUT_S, TorchServe, shipped_ports
+from imagerec.torchserve import DEFAULT_DRAIN_TIMEOUT_S, TorchServe, free_port, shipped_ports
 
 # Keep this process light (it stays alive beside TorchServe): torch is imported only by the
 # build_archive.py subprocess.
@@ -65,6 +65,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "(TorchServe snapshots in <workdir>/logs/config; recorded either way)")
     parser.add_argument("--web-port", type=int, default=8000, help="port of the page (http://127.0.0.1:PORT/)")
     parser.add_argument("--no-web", action="store_true", help="serve TorchServe only, without the page")
+    parser.add_argument("--ports", type=int, nargs=3, default=None, metavar=("INFERENCE", "MANAGEMENT", "METRICS"),
+                        help="loopback ports instead of config.properties' (gRPC ports are then picked free): "
+                             "several servers side by side, e.g. local replicas behind a load balancer")
     return parser
 
 
@@ -112,7 +115,9 @@ def main(args: argparse.Namespace) -> int:
         model_store=args.model_store,
         workdir=args.workdir,
         models=f"{args.backbone}={archive.name}",
-        ports=None if args.free_ports else shipped_ports(),
+        ports=tuple(args.ports) if args.ports else None if args.free_ports else shipped_ports(),
+        overrides={"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())}
+        if args.ports else None,
     )
     # Ctrl-C or a service manager's SIGTERM: stop TorchServe and its workers with us.
     signal.signal(signal.SIGTERM, _interrupt)

@@ -27,6 +27,8 @@ command -v g++ >/dev/null 2>&1 || missing+=(g++)
 # The page's tests (tests/test_web.py) drive a real headless Chromium: Debian's, as Playwright's own
 # browser download may be unreachable.
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+# The local rolling-update test puts HAProxy in front of three replicas (tests/test_rolling_update.py).
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   apt_install "${missing[@]}"
