@@ -6,7 +6,9 @@
 Builds ``archives/<backbone>_v<version>.mar`` if it is absent, then runs TorchServe in the
 foreground with the shipped config.properties until Ctrl-C. TorchServe runs in ``runtime/``: its
 keys are in ``runtime/key_file.json``, its logs in ``runtime/logs``.
-Exit codes: 0 stopped by Ctrl-C, 2 bad arguments, 3 weights not found, 1 server failure.
+Ctrl-C or SIGTERM: new requests are refused, the accepted ones answered (--drain-timeout), then
+TorchServe and its workers stop. Exit codes: 0 stopped by Ctrl-C or SIGTERM, 2 bad arguments,
+3 weights not found, 1 server failure (e.g. a port already in use).
 """
 
 from __future__ import annotations
