@@ -10,7 +10,9 @@ keys are in ``runtime/key_file.json``, its logs in ``runtime/logs``. The page (w
 beside it at http://127.0.0.1:8000/ (``--web-port``, ``--no-web``).
 Without ``--backbone``, where resnet18's weights cannot be had (no network), it serves
 efficientnet_lite0 instead and says why, in the log and on the page.
-Exit codes: 0 stopped by Ctrl-C, 2 bad arguments, 3 weights not found, 1 server failure.
+Ctrl-C or SIGTERM: new requests are refused, the accepted ones answered (--drain-timeout), then
+TorchServe, its workers and the page stop. Exit codes: 0 stopped by Ctrl-C or SIGTERM, 2 bad
+arguments, 3 weights not found, 1 server failure (e.g. a port already in use).
 """
 
 from __future__ import annotations

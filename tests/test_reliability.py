@@ -1,5 +1,6 @@
 """Reliability under misuse and at the edges (issue 9): archive builds that touch nothing outside their
-output, thin-image bombs, bad names in a snapshot, stops that answer every accepted request."""
+output, thin-image bombs, bad names in a snapshot, stops that answer every accepted request, a port
+already in use, compiled backbones a killed worker leaves behind."""
 
 from __future__ import annotations
 
