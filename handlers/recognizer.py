@@ -47,7 +47,12 @@ class Recognizer(nn.Module):
             return self.network.features(images).float()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.predict(images)[0]
+        return self.classify(self.features(images))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, D) features -> (N, C) logits. The classifier or head is tiny: it stays in fp32 so
+        probabilities stay well calibrated."""
+        return self.network.classifier(features) if self.head is None else self.head(features)
 
     @property
     def rejection(self):
@@ -61,11 +66,8 @@ class Recognizer(nn.Module):
         """(N, 3, H, W) -> logits (N, C) and the rejection rule's known-ness scores (N,), or None
         without a rule; one backbone pass for both."""
         features = self.features(images)
-        # The classifier or head is tiny: keep it in fp32 so probabilities stay well calibrated.
-        if self.head is None:
-            return self.network.classifier(features), None
         rule = self.rejection
-        return self.head(features), (None if rule is None else rule.score(features))
+        return self.classify(features), (None if rule is None else rule.score(features))
 
 
 @dataclass

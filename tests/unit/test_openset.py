@@ -161,7 +161,7 @@ def test_auto_chooses_from_the_candidates_by_cross_validation_and_falls_back_at_
     assert report["chosen_score"]["accuracy"] == max(s["accuracy"] for s in report["cross_validated"].values()) or \
         report["chosen_score"]["accuracy"] >= max(s["accuracy"] for s in report["cross_validated"].values()) - 0.005
     one_shot, report = choose_head(features[::20], None, labels[::20], 3)
-    assert one_shot == Candidate("prototype") and "single training photo" in report["reason"]
+    assert one_shot == Candidate("linear") and "single training photo" in report["reason"]
 
 
 def test_auto_prefers_the_linear_head_where_only_a_learned_boundary_separates_the_classes():
