@@ -1,7 +1,9 @@
 """Writing model archives (.mar): the one place that knows an archive's layout.
 
-An archive is self-contained: backbone weights, optional head, class names, ``model_info.json``
-(our manifest), TorchServe's ``model-config.yaml``, this ``handlers`` package and the handler.
+An archive is self-contained: the backbone's feature body as a portable ONNX graph whose raw weights
+file is also the eager fallback's (imagerec/export.py), the ImageNet classifier or a few-shot head,
+class names, ``model_info.json`` (our manifest, with the accuracy guard's precision verdicts),
+TorchServe's ``model-config.yaml``, this ``handlers`` package and the handler.
 ``handlers.recognizer.load_recognizer`` reads the same files back.
 """
 
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -23,17 +24,18 @@ import yaml
 
 from handlers.backbones import get_backbone
 from handlers.manifest import file_sha256
-from handlers.compile_backbone import compile_in_environment
 from handlers.naming import archive_file_name, validate_name, validate_version
 from handlers.constants import (
     CHECK_IMAGES_DIR,
+    CLASSIFIER_FILE,
+    FEATURES_DATA_FILE,
     HEAD_FILE,
     LABELS_FILE,
     MODEL_CONFIG_FILE,
     MODEL_INFO_FILE,
     PRECISIONS,
-    WEIGHTS_FILE,
 )
+from handlers.runtime import worker_threads
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +58,7 @@ class BatchingConfig:
     @property
     def threads(self) -> int:
         """torch threads of each worker: never more than the cores in all (no oversubscription)."""
-        if self.torch_threads > 0:
-            return self.torch_threads
-        return max(1, (os.cpu_count() or 1) // self.workers)
+        return worker_threads(self.workers, self.torch_threads)
 
     def to_yaml(self) -> dict:
         return {
@@ -79,12 +79,13 @@ def build_archive(
     weights_path: str | Path,
     labels: list[str],
     out_dir: str | Path,
-    precision: str = "fp32",
+    precision: str = "auto",
     head=None,
     info: dict | None = None,
     check_images: list[tuple[Path, str]] | None = None,
     batching: BatchingConfig | None = None,
-    compile_with: str | Path | None = None,
+    precision_guard: dict | None = None,
+    export_cache: str | Path | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``out_dir/<name>_v<version>.mar`` and return its path.
@@ -92,15 +93,17 @@ def build_archive(
     head: a fitted ``FeatureHead`` or None for the backbone's ImageNet classifier.
     info: extra manifest entries (training arguments, data fingerprint, metrics...).
     check_images: (image path, expected label) pairs packed for deployment checks.
-    compile_with: the serving environment's Python, to compile the backbone with AOTInductor
-        (handlers/compile_backbone.py); None keeps it eager. fp32 only.
+    precision: the worker's precision policy (handlers/runtime.py ``choose_precision``).
+    precision_guard: the accuracy guard's verdicts ({"bf16": {"allowed": ..., "reason": ...}},
+        imagerec/precision_guard.py); without one, reduced precision stays off.
+    export_cache: where exported ONNX graphs are cached (default imagerec/export.py's).
     """
+    from imagerec.export import export_features  # build-time only: the worker never imports the exporter
+
     validate_name(name)
     validate_version(version)
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    if compile_with is not None and precision != "fp32":
-        raise ValueError(f"compiling supports fp32 only, not {precision}; build {precision} without compiling")
     backbone = get_backbone(backbone_name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -116,6 +119,7 @@ def build_archive(
         "backbone": backbone.name,
         "weights_sha256": file_sha256(weights_path),
         "precision": precision,
+        "precision_guard": precision_guard or {},
         "num_classes": len(labels),
         # A head's classes are part of its identity; the 1000 ImageNet names stay in LABELS_FILE only.
         "classes": list(labels) if head is not None else None,
@@ -126,13 +130,13 @@ def build_archive(
         stage = Path(tmp)
         extra = stage / "extra"  # everything here lands at the archive root
         extra.mkdir()
-        shutil.copyfile(weights_path, stage / WEIGHTS_FILE)
+        manifest["features"] = export_features(backbone.name, Path(weights_path), extra, export_cache)
+        shutil.move(extra / FEATURES_DATA_FILE, stage / FEATURES_DATA_FILE)  # the serializedFile
         (extra / LABELS_FILE).write_text(json.dumps({str(i): label for i, label in enumerate(labels)}, indent=1))
         if head is not None:
             torch.save(head.state_dict(), extra / HEAD_FILE)
-        if compile_with is not None:
-            manifest["compiled"] = compile_in_environment(compile_with, backbone.name, Path(weights_path),
-                                                          batching.batch_size, batching.threads, extra)
+        else:  # the body's weights are in the graph's raw file; the classifier needs its own
+            torch.save(backbone.load(weights_path).classifier.state_dict(), extra / CLASSIFIER_FILE)
         if check_images:
             (extra / CHECK_IMAGES_DIR).mkdir()
             manifest["check_images"] = []
@@ -155,7 +159,7 @@ def _run_model_archiver(name: str, version: str, stage: Path) -> None:
         sys.executable, "-m", "model_archiver.model_packaging",
         "--model-name", name,
         "--version", version,
-        "--serialized-file", str(stage / WEIGHTS_FILE),
+        "--serialized-file", str(stage / FEATURES_DATA_FILE),
         "--handler", str(HANDLER_FILE),
         "--extra-files", str(stage / "extra"),
         "--config-file", str(stage / MODEL_CONFIG_FILE),

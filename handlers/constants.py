@@ -11,13 +11,17 @@ RESIZE_SIZE = 256
 CROP_SIZE = 224
 
 # Files inside a model archive (flat at the archive root, next to the handler).
-WEIGHTS_FILE = "weights.pt"  # plain state_dict of the backbone (the archive's serializedFile)
+# The backbone's feature body as a portable ONNX graph (imagerec/export.py writes it, handlers/runtime.py
+# runs it). Its weights sit in one raw float32 file, ONNX external data named by the body's state_dict
+# keys; the index says where each lies, so the eager fallback reads the same file (one copy per archive).
+FEATURES_GRAPH_FILE = "features.onnx"
+FEATURES_DATA_FILE = "features.onnx.data"  # the archive's serializedFile
+FEATURES_INDEX_FILE = "features.index.json"
+CLASSIFIER_FILE = "classifier.pt"  # plain state_dict of the backbone's ImageNet classifier (ImageNet archives)
 HEAD_FILE = "head.pt"  # plain state_dict of a few-shot head
 LABELS_FILE = "index_to_name.json"  # {"0": "tench", ...}, TorchServe's own convention
 MODEL_INFO_FILE = "model_info.json"  # our manifest: backbone, precision, head, training record
 MODEL_CONFIG_FILE = "model-config.yaml"  # TorchServe's per-model config (batching, workers)
-# Optional: the backbone compiled with AOTInductor (handlers/compiled.py), for one image and for batches.
-COMPILED_FEATURES_FILES = {"single": "features_b1.pt2", "batched": "features_batched.pt2"}
 CHECK_IMAGES_DIR = "check_images"  # a few labelled images a deployment sends before switching
 
 # Answers.
@@ -31,5 +35,7 @@ MAX_REQUEST_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 64_000_000
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 
-# Precisions an archive can be built with.
-PRECISIONS = ("fp32", "bf16")
+# Precision policies an archive can be built with (handlers/runtime.py choose_precision applies them):
+# auto: bf16 where the accuracy guard allowed it and the serving CPU has it; fp32: never reduced;
+# bf16: as auto (kept for archives that asked for bf16 by name).
+PRECISIONS = ("auto", "fp32", "bf16")

@@ -11,19 +11,25 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
 import torch
-from ts.torch_handler.base_handler import BaseHandler
 
-from handlers.archive import BatchingConfig
+# TorchServe's BaseHandler imports openvino.torch (OpenVINO's torch.compile backend) whenever
+# OpenVINO is installed: about 140 MB more per worker, for a feature we never use (the backbone runs
+# through OpenVINO's own runtime, handlers/runtime.py). Mark it absent before that import.
+sys.modules.setdefault("openvino.torch", None)
+from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
+
 from handlers.constants import TOP_K, VERSION_HEADER
 from handlers.imaging import ImageError, ImagePreprocessor
 from handlers.payload import Batch, request_bytes
 from handlers.recognizer import load_recognizer
+from handlers.runtime import worker_threads
 
 logger = logging.getLogger(__name__)
 
@@ -57,18 +63,18 @@ class RecognitionHandler(BaseHandler):
         self._trim_timer = None
         self._warm_up()
         logger.info(
-            "loaded %s v%s: backbone %s (%s, %s), %d classes, %d torch threads",
+            "loaded %s v%s: backbone %s (%s, %s), %d classes, %d threads",
             self.info.get("name"), self.version, self.info["backbone"], self.model.precision,
-            "compiled" if self.model.compiled else "eager", len(self.labels), torch.get_num_threads(),
+            self.model.runtime, len(self.labels), torch.get_num_threads(),
         )
 
     @staticmethod
     def _set_threads(model_yaml_config: dict):
         """One worker per model by default: give it the cores, never more (no oversubscription)."""
         options = model_yaml_config.get("handler") or {}
-        batching = BatchingConfig(workers=int(model_yaml_config.get("minWorkers") or 1),
-                                  torch_threads=int(options.get("torch_threads") or 0))
-        torch.set_num_threads(batching.threads)
+        # The backbone's runtime (handlers/runtime.py) takes the same thread count.
+        torch.set_num_threads(worker_threads(int(model_yaml_config.get("minWorkers") or 1),
+                                             int(options.get("torch_threads") or 0)))
         try:
             torch.set_num_interop_threads(1)
         except RuntimeError:  # only settable before the first parallel op; fine if already set

@@ -17,9 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from handlers.archive import BatchingConfig, build_archive, validate_name, validate_version  # noqa: E402
 from handlers.backbones import WeightsNotFoundError, backbone_names, get_backbone, imagenet_categories  # noqa: E402
-from handlers.compile_backbone import COMPILE_MODES  # noqa: E402
 from handlers.constants import PRECISIONS  # noqa: E402
-from scripts.ts_runtime import serving_python  # noqa: E402
+from imagerec.export import default_cache_dir as default_export_cache  # noqa: E402
+from imagerec.export import exported_graph_dir  # noqa: E402
+from imagerec.precision_guard import DEFAULT_TOLERANCE, guard_imagenet, not_judged  # noqa: E402
 
 logger = logging.getLogger("build_archive")
 
@@ -30,28 +31,20 @@ EXIT_NO_WEIGHTS = 3
 def add_batching_arguments(parser: argparse.ArgumentParser) -> None:
     """Serving options shared by every command that writes an archive."""
     group = parser.add_argument_group("serving")
-    group.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                       help="backbone precision inside the worker (bf16: autocast, channels-last)")
-    group.add_argument("--compile", choices=COMPILE_MODES, default=None,
-                       help="aoti: compile the backbone with AOTInductor in the serving environment (same fp32 "
-                            "math, faster; once per backbone and machine, then cached); none: eager. "
-                            "Default: aoti for fp32, none otherwise")
+    group.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="backbone precision policy of the worker: auto (bf16 where the accuracy guard "
+                            "allowed it and the serving CPU runs it natively, else fp32) or fp32 (never reduced)")
+    group.add_argument("--guard-tolerance", type=float, default=DEFAULT_TOLERANCE,
+                       help="accuracy guard: largest accuracy drop (fraction, 0.01 = 1 point) a reduced "
+                            "precision may cost against fp32 to be allowed")
+    group.add_argument("--export-cache", type=Path, default=default_export_cache(),
+                       help="cache of exported ONNX graphs (default $IMAGEREC_ONNX_CACHE or ~/.cache/imagerec/onnx)")
     group.add_argument("--batch-size", type=int, default=BatchingConfig.batch_size, help="TorchServe dynamic batch size")
     group.add_argument("--max-batch-delay", type=int, default=BatchingConfig.max_batch_delay_ms,
                        help="ms TorchServe waits to fill a batch")
     group.add_argument("--workers", type=int, default=1, help="workers per model version")
     group.add_argument("--torch-threads", type=int, default=0,
                        help="torch threads per worker (0: machine cores divided by workers)")
-
-
-def compile_with_from_args(args: argparse.Namespace) -> Path | None:
-    """The serving environment's Python when the archive's backbone is to be compiled, else None."""
-    mode = args.compile or ("aoti" if args.precision == "fp32" else "none")
-    if mode == "none":
-        return None
-    if args.precision != "fp32":
-        raise ValueError(f"--compile aoti supports --precision fp32 only, not {args.precision}")
-    return serving_python()
 
 
 def batching_from_args(args: argparse.Namespace) -> BatchingConfig:
@@ -77,6 +70,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", type=Path, default=None,
                         help="state_dict file (default: $<BACKBONE>_WEIGHTS, then the backbone's own source)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing archive of that version")
+    parser.add_argument("--guard-photos", type=Path, default=None,
+                        help="labelled ImageNet photos for the accuracy guard (a folder with labels.tsv: file, "
+                             "class index, synset), e.g. ../shared/datasets/imagenet-sample500; without it "
+                             "reduced precision stays off")
     add_batching_arguments(parser)
     return parser
 
@@ -87,6 +84,17 @@ def main(args: argparse.Namespace) -> Path:
     validate_version(args.version)
     weights = backbone.resolve_weights(args.weights)
     logger.info("building %s v%s from %s (%s)", name, args.version, weights, args.precision)
+    batching = batching_from_args(args)
+    if args.guard_photos is not None and not (args.guard_photos / "labels.tsv").is_file():
+        raise ValueError(f"--guard-photos {args.guard_photos}: no labels.tsv there")
+    guard = {}
+    if args.precision != "fp32":
+        if args.guard_photos is None:
+            guard = {"bf16": not_judged("no labelled photos given (--guard-photos)")}
+        else:
+            graph_dir = exported_graph_dir(backbone.name, weights, args.export_cache)
+            guard = guard_imagenet(graph_dir, backbone.name, backbone.load(weights).classifier, args.guard_photos,
+                                   args.guard_tolerance)
     return build_archive(
         name=name,
         version=args.version,
@@ -95,8 +103,9 @@ def main(args: argparse.Namespace) -> Path:
         labels=imagenet_categories(),
         out_dir=args.out,
         precision=args.precision,
-        batching=batching_from_args(args),
-        compile_with=compile_with_from_args(args),
+        batching=batching,
+        precision_guard=guard,
+        export_cache=args.export_cache,
         overwrite=args.force,
     )
 
@@ -111,7 +120,7 @@ if __name__ == "__main__":
     except (ValueError, FileExistsError) as exc:
         logger.error("%s", exc)
         sys.exit(EXIT_BAD_ARGUMENTS)
-    except RuntimeError as exc:  # compiling or torch-model-archiver failed
+    except RuntimeError as exc:  # exporting or torch-model-archiver failed
         logger.error("%s", exc)
         sys.exit(1)
     print(path)  # the one line a calling script reads

@@ -15,8 +15,8 @@ import torch
 
 from handlers.archive import build_archive
 from handlers.backbones import get_backbone, imagenet_categories
-from handlers.compile_backbone import CACHE_DIR_VAR
-from scripts.ts_runtime import TorchServe, install_archive, serving_python
+from imagerec.export import CACHE_DIR_VAR
+from scripts.ts_runtime import TorchServe, install_archive
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED = PROJECT_ROOT.parent / "shared"
@@ -27,9 +27,9 @@ logging.getLogger("PIL").setLevel(logging.INFO)
 
 
 @pytest.fixture(scope="session", autouse=True)
-def compile_cache(tmp_path_factory) -> Path:
-    """Compiled backbones go to a cache of this session (and of its subprocesses), never the user's."""
-    path = tmp_path_factory.mktemp("compile-cache")
+def export_cache(tmp_path_factory) -> Path:
+    """Exported backbone graphs go to a cache of this session (and of its subprocesses), never the user's."""
+    path = tmp_path_factory.mktemp("onnx-cache")
     os.environ[CACHE_DIR_VAR] = str(path)
     return path
 
@@ -54,13 +54,12 @@ def archive_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def efficientnet_archive(archive_dir) -> Path:
-    """The genuinely ImageNet-pretrained backbone, as served by default: real features, sensible
-    labels, backbone compiled for the serving environment."""
+    """The genuinely ImageNet-pretrained backbone, as built by default: real features, sensible
+    labels, the portable graph. No accuracy guard ran, so it serves fp32 everywhere."""
     backbone = get_backbone("efficientnet_lite0")
     return build_archive(
         name="efficientnet_lite0", version="1.0", backbone_name=backbone.name,
         weights_path=backbone.resolve_weights(), labels=imagenet_categories(), out_dir=archive_dir,
-        compile_with=serving_python(),
     )
 
 
@@ -81,7 +80,7 @@ def resnet18_weights(tmp_path_factory) -> Path:
 def resnet18_archive(archive_dir, resnet18_weights) -> Path:
     return build_archive(
         name="resnet18", version="1.0", backbone_name="resnet18", weights_path=resnet18_weights,
-        labels=imagenet_categories(), out_dir=archive_dir, compile_with=serving_python(),
+        labels=imagenet_categories(), out_dir=archive_dir,
     )
 
 

@@ -88,12 +88,16 @@ def test_cli_writes_a_self_contained_archive(resnet18_weights, tmp_path):
         names = set(zf.namelist())
         config = yaml.safe_load(zf.read("model-config.yaml"))
         manifest = zf.read("MAR-INF/MANIFEST.json").decode()
-    assert {"weights.pt", "index_to_name.json", "recognition_handler.py", "handlers/backbones.py"} <= names
+    assert {"features.onnx", "features.onnx.data", "features.index.json", "classifier.pt", "index_to_name.json",
+            "recognition_handler.py", "handlers/backbones.py", "handlers/runtime.py"} <= names
+    assert "weights.pt" not in names  # the body's weights travel once, in the graph's raw file
     assert config["batchSize"] == 4 and config["maxBatchDelay"] >= 0
     assert '"modelVersion": "2.1"' in manifest and '"modelName": "imagenet"' in manifest
     info = read_archive_info(archive)
     assert info["backbone"] == "resnet18" and info["weights_sha256"] == file_sha256(resnet18_weights)
-    assert info["num_classes"] == 1000 and info["precision"] == "fp32"
+    assert info["num_classes"] == 1000 and info["precision"] == "auto"
+    # No labelled photos were given: reduced precision was not judged, so it stays off.
+    assert info["precision_guard"]["bf16"]["allowed"] is False and "not judged" in info["precision_guard"]["bf16"]["reason"]
 
 
 def test_cli_refuses_to_overwrite_and_rejects_bad_names(resnet18_weights, tmp_path):

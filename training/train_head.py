@@ -32,7 +32,8 @@ from handlers.archive import build_archive  # noqa: E402
 from handlers.backbones import WeightsNotFoundError, backbone_names, get_backbone  # noqa: E402
 from handlers.heads import HEADS, FeatureHead, build_head  # noqa: E402
 from handlers.naming import archive_file_name, validate_name, validate_version  # noqa: E402
-from scripts.build_archive import add_batching_arguments, batching_from_args, compile_with_from_args  # noqa: E402
+from imagerec.precision_guard import native_reduced_precisions, not_judged, verdict  # noqa: E402
+from scripts.build_archive import add_batching_arguments, batching_from_args  # noqa: E402
 from training.data import DataError, Dataset, load_dataset  # noqa: E402
 from training.evaluation import draw_confusion, evaluate, format_table, write_report  # noqa: E402
 from training.features import Augmentation, FeatureExtractor, default_cache_dir  # noqa: E402
@@ -124,7 +125,6 @@ def check_args(args: argparse.Namespace) -> str:
     if args.weight_decay is not None and args.weight_decay < 0:
         raise ValueError("--weight-decay cannot be negative")
     batching_from_args(args)
-    compile_with_from_args(args)
     target = args.out / archive_file_name(name, args.version)
     if target.exists() and not args.force:
         raise FileExistsError(f"{target} exists; choose another --version or pass --force")
@@ -190,6 +190,30 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
+def precision_guard(args: argparse.Namespace, extractor: FeatureExtractor, dataset: Dataset, head: FeatureHead,
+                    metrics: dict | None) -> dict:
+    """The accuracy guard's verdicts (imagerec/precision_guard.py): the head's validation accuracy on
+    reduced-precision features against fp32, on this machine's native reduced precisions."""
+    if args.precision == "fp32":
+        return {}
+    if metrics is None:
+        return {"bf16": not_judged("no validation images")}
+    verdicts = {"bf16": not_judged("this build machine has no native bf16")}
+    labels = torch.tensor([s.label for s in dataset.val])
+    for precision in native_reduced_precisions():
+        reduced = FeatureExtractor(extractor.backbone.name, extractor.weights_path, cache_dir=extractor.cache_dir,
+                                   batch_size=extractor.batch_size, progress=extractor.progress,
+                                   use_cache=extractor.use_cache, precision=precision, export_cache=args.export_cache)
+        features = reduced.extract([s.path for s in dataset.val], [s.sha256 for s in dataset.val],
+                                   description=f"val features ({precision}, accuracy guard)")
+        with torch.no_grad():
+            accuracy = (head(features).argmax(dim=1) == labels).float().mean().item()
+        verdicts[precision] = verdict(precision, "val_accuracy", metrics["accuracy"], accuracy, len(labels),
+                                      args.guard_tolerance)
+        logger.info("accuracy guard: %s %s", precision, verdicts[precision]["reason"])
+    return verdicts
+
+
 def pick_check_images(dataset: Dataset, per_class: int) -> list[tuple[Path, str]]:
     """Up to ``per_class`` validation images per class (training images for a class without any)."""
     chosen = []
@@ -219,7 +243,8 @@ def main(args: argparse.Namespace) -> Path:
     tick = time.perf_counter()
     augmentation = Augmentation(min_scale=args.aug_min_scale, jitter=args.aug_jitter, rotation=args.aug_rotation)
     extractor = FeatureExtractor(backbone.name, weights, cache_dir=args.cache_dir, batch_size=args.extract_batch_size,
-                                 augmentation=augmentation, progress=not args.no_progress, use_cache=not args.no_cache)
+                                 augmentation=augmentation, progress=not args.no_progress, use_cache=not args.no_cache,
+                                 export_cache=args.export_cache)
     views = args.views if HEADS[args.head].uses_views else 0
     features = extract_features(extractor, dataset, views, args.seed)
     timings["features"] = time.perf_counter() - tick
@@ -240,6 +265,10 @@ def main(args: argparse.Namespace) -> Path:
         logger.warning("no validation images (every class has a single image): the archive has no accuracy figure")
 
     tick = time.perf_counter()
+    guard = precision_guard(args, extractor, dataset, head, metrics)
+    timings["guard"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
     info = {
         "training": training_record(args, name),
         "data": {
@@ -256,7 +285,7 @@ def main(args: argparse.Namespace) -> Path:
         name=name, version=args.version, backbone_name=backbone.name, weights_path=weights,
         labels=dataset.classes, out_dir=args.out, precision=args.precision, head=head, info=info,
         check_images=pick_check_images(dataset, args.check_images), batching=batching_from_args(args),
-        compile_with=compile_with_from_args(args), overwrite=args.force,
+        precision_guard=guard, export_cache=args.export_cache, overwrite=args.force,
     )
     timings["archive"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
@@ -296,7 +325,7 @@ def run(argv: list[str] | None = None) -> int:
         if exit_code is not None:
             logger.error("registration failed: %s", exc)
             return exit_code
-        if isinstance(exc, RuntimeError):  # compiling or torch-model-archiver failed: the message says why
+        if isinstance(exc, RuntimeError):  # exporting or torch-model-archiver failed: the message says why
             logger.error("%s", exc)
             return 1
         raise
