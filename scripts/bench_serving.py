@@ -10,7 +10,7 @@ What it does, in order:
    and the archives: resnet18 (self-made weights, as in tests/conftest.py) with its lever variants,
    efficientnet_lite0 and two prototype heads on it (clothing10, signdigits10). Then, with the
    workers' torch (scripts/bench_in_worker.py in .venv-serve): the forward costs behind the ceiling
-   and the accuracy guard (compiled and bf16 against fp32 eager on every val image of
+   and the accuracy guard (ONNX runtimes and bf16 against fp32 eager on every val image of
    ../shared/datasets), for each variant of the served archives.
 2. Served: one TorchServe with the resnet18 archives, then one with efficientnet_lite0 and the two
    heads (the memory target: backbone plus two heads, one worker each). Each model is loaded by
@@ -51,7 +51,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import psutil  # noqa: E402
 
 from handlers.constants import PRECISIONS  # noqa: E402
-from handlers.compile_backbone import COMPILE_MODES  # noqa: E402
 from handlers.machine import cpu_model  # noqa: E402
 from scripts.bench_in_worker import (  # noqa: E402
     GUARD_MAX_PROB_CHANGE, GUARD_MIN_TOP1, REFERENCE_VARIANT, VARIANTS, median_time,
@@ -95,10 +94,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--request-timeout", type=float, default=30.0, help="seconds per HTTP request")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="precision of the served archives (default: scripts/build_archive.py's)")
-    parser.add_argument("--compile", choices=COMPILE_MODES, default=None,
-                        help="compile the served archives' backbones (default: scripts/build_archive.py's)")
     parser.add_argument("--compare-variants", action=argparse.BooleanOptionalAction, default=True,
-                        help="also serve resnet18 as the other variants (fp32 eager, fp32+aoti, bf16)")
+                        help="also serve resnet18 as the other precision (fp32, bf16)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="TorchServe batch size of the archives (default: handlers.archive.BatchingConfig's)")
     parser.add_argument("--max-batch-delay", type=int, default=None,
@@ -164,14 +161,12 @@ def offline_phase(options: dict) -> dict:
     import torch
 
     from handlers.archive import BatchingConfig
-    from scripts.build_archive import compile_with_from_args
     from scripts.build_archive import get_args_parser as build_parser
 
     workdir = Path(options["workdir"])
     defaults = build_parser().parse_args([])
     precision = options["precision"] or defaults.precision
-    defaults.precision, defaults.compile = precision, options["compile"]
-    compiled = compile_with_from_args(defaults) is not None
+    defaults.precision = precision
     batching = BatchingConfig(
         batch_size=options["batch_size"] or defaults.batch_size,
         max_batch_delay_ms=defaults.max_batch_delay if options["max_batch_delay"] is None else options["max_batch_delay"],
@@ -179,7 +174,7 @@ def offline_phase(options: dict) -> dict:
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     photos = val_photos(Path(options["datasets"]))
-    default_variant = variant_name(precision, compiled)
+    default_variant = precision
     result = {"variant": default_variant, "batching": vars(batching), "threads": threads, "photos": len(photos)}
     weights = make_resnet18_weights(workdir)
     result["reference"] = reference_timings(weights, photos, options["reference_reps"])
@@ -188,11 +183,6 @@ def offline_phase(options: dict) -> dict:
     result["archives"] = build_bench_archives(workdir, weights, heads, default_variant, batching, options)
     result["worker"] = in_worker_measurements(workdir, result["archives"], photos, batching.batch_size, threads, options)
     return result
-
-
-def variant_name(precision: str, compiled: bool) -> str:
-    """The names of scripts/bench_in_worker.py: fp32, fp32+aoti, bf16."""
-    return f"{precision}+aoti" if compiled else precision
 
 
 def resnet18_variant_model(variant: str) -> str:
@@ -209,7 +199,7 @@ def in_worker_measurements(workdir: Path, archives: dict, photos: list[Path], ba
     spec = {
         "threads": threads, "batch_size": batch_size, "reps": options["reference_reps"],
         "cost_photos": [str(p) for p in spread(photos, 64)],
-        # Every variant is measured from the default archive of each backbone (fp32+aoti only if compiled).
+        # Every variant is measured from the default archive of each backbone.
         "costs": {name: archives[name]["archive"] for name in ("resnet18", "efficientnet_lite0")},
         "guard": {
             "efficientnet_lite0": {"archive": archives["efficientnet_lite0"]["archive"],
@@ -395,7 +385,7 @@ def build_bench_archives(workdir: Path, weights: Path, heads: dict, default_vari
             name=name, version="1.0", backbone_name=backbone_name,
             weights_path=weights if backbone_name == "resnet18" else backbone.resolve_weights(),
             labels=labels, out_dir=out, precision=variant.split("+")[0], head=head, batching=config,
-            compile_with=serving_python() if variant.endswith("+aoti") else None, overwrite=True,
+            overwrite=True,
         )
         archives[name] = {"archive": str(path), "backbone": backbone_name, "variant": variant,
                           "batching": dataclasses.asdict(config), "head": head_set}
@@ -736,7 +726,9 @@ def build_report(args, offline: dict, served: list[dict], started: str, loads: l
 
 VARIANT_WORDS = {
     "fp32": "fp32, eager backbone",
-    "fp32+aoti": "fp32, backbone compiled with AOTInductor",
+    "fp32+onnxruntime": "fp32, the archive's ONNX graph on ONNX Runtime",
+    "fp32+openvino": "fp32, the archive's ONNX graph on OpenVINO",
+    "bf16+openvino": "bf16, the archive's ONNX graph on OpenVINO",
     "bf16": "bf16 autocast, eager backbone",
 }
 
