@@ -1,11 +1,10 @@
-"""This machine: where derived files are cached (backbone features, compiled backbones), and its CPU.
+"""This machine: where derived files are cached (backbone features, exported graphs), and its CPU.
 
 Torch-free, so that benchmark processes that must not import torch can use it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 from pathlib import Path
@@ -32,12 +31,3 @@ def _cpuinfo(field: str) -> str | None:
 def cpu_model() -> str:
     """The CPU's model name, for people reading a report or a manifest."""
     return _cpuinfo("model name") or platform.processor() or platform.machine()
-
-
-def cpu_flags_digest() -> str:
-    """A digest of the CPU's instruction-set flags: two machines with the same digest run the same
-    natively compiled code (the compiler uses every instruction the build machine has)."""
-    flags = _cpuinfo("flags")
-    if flags is None:
-        return platform.machine()
-    return hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16]
