@@ -81,10 +81,12 @@ class RecognitionHandler(BaseHandler):
             pass
 
     def _warm_up(self):
-        # The first forward allocates and picks kernels; do it now, not in a user's request.
+        # The first forward of each shape allocates and picks kernels (the graph runtimes prepare each
+        # new batch shape): do it now for one image and a full batch, not in a user's request.
         size = self.preprocessor.preprocessing.crop_size
         with torch.inference_mode():
-            self.model(torch.zeros(1, 3, size, size))
+            for batch in sorted({1, int(self.model_yaml_config.get("batchSize") or 1)}):
+                self.model(torch.zeros(batch, 3, size, size))
         self._batch_done()
 
     def _batch_done(self):
