@@ -102,6 +102,9 @@ def peer_timings(spec: dict) -> dict:
             for _ in range(spec["rounds"]):
                 for peer, recognizer in peers.items():
                     for batch in BATCHES:
+                        # Let the previous peer's thread pool stop spinning (OpenMP, TBB) first: in
+                        # a worker only one of them runs.
+                        time.sleep(0.1)
                         reps = 4 if batch == 1 else 1
                         start = time.perf_counter()
                         for _ in range(reps):

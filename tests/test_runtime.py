@@ -64,12 +64,13 @@ def test_served_answers_equal_eager_torch(imagenet_server, efficientnet_archive,
 def test_the_fast_path_runs_on_another_cpu_and_thread_count(efficientnet_archive, datasets_dir, tmp_path):
     """Nothing in the archive is tied to the build machine: with bf16 hidden (a CPU without it) and
     one thread instead of the build machine's count, the worker still runs the graph, batched and
-    single, and equals eager."""
+    single, and equals eager. The worker's imports hold no build code."""
     unpacked = extract_archive(efficientnet_archive, tmp_path / "unpacked")
     photos = [str(p) for p in val_photos(datasets_dir, 9)]
     result, _ = run_in_serving_environment(f"""
-        import json, torch
+        import json, sys, torch
         torch.set_num_threads(1)
+        import handlers.recognition_handler
         from handlers.imaging import ImagePreprocessor
         from handlers.recognizer import load_recognizer
         from handlers.runtime import cpu_precisions
@@ -83,12 +84,17 @@ def test_the_fast_path_runs_on_another_cpu_and_thread_count(efficientnet_archive
             single = torch.cat([fast.recognizer(image[None]) for image in images]).softmax(1)
         print(json.dumps({{"runtime": fast.recognizer.runtime, "threads": fast.recognizer.network.body.threads,
                           "precisions": sorted(cpu_precisions("openvino")), "rows": len(batched),
+                          "build_modules": sorted(m for m in sys.modules if m.split(".")[0] in
+                                                  ("imagerec", "onnxscript", "onnx", "yaml", "training", "scripts")
+                                                  or m in ("openvino.torch", "torch.onnx", "handlers.archive")),
                           "difference": max((batched - reference).abs().max().item(),
                                             (single - reference).abs().max().item())}}))
     """, env={HIDE_CAPABILITIES_VAR: "BF16"})
     assert result["runtime"] == "openvino" and result["threads"] == 1
     assert result["precisions"] == ["fp32"]
     assert result["rows"] == len(photos) and result["difference"] < 1e-4, result
+    # The worker imports the runtime only: no exporter, no build code, not OpenVINO's torch backend.
+    assert result["build_modules"] == [], result["build_modules"]
 
 
 @pytest.mark.parametrize("damage", ["garbage", "missing", "truncated_unrecorded"])

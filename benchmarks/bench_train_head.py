@@ -1,0 +1,73 @@
+"""Wall time of training/train_head.py as a user runs it, cold and warm, and the head archive's size.
+
+    .venv/bin/python benchmarks/bench_train_head.py
+
+Data: 5 classes of ``--set`` with 20 training photos each and 60 validation photos each (300 in
+all: the set's val photos, topped up with training photos not used for training), linked into a
+temporary ImageFolder. Cold: empty feature cache and empty exported-graph cache (the first head on
+a new machine: the backbone is exported to ONNX once); warm: both filled (other head settings, same
+photos). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 5, 20, 60
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", type=Path, default=PROJECT_ROOT.parent / "shared" / "datasets" / "clothing10",
+                        help="ImageFolder with train/ and val/")
+    parser.add_argument("--backbone", type=str, default="efficientnet_lite0", help="registered backbone")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per train_head run")
+    return parser
+
+
+def make_data(source: Path, data: Path) -> None:
+    for folder in sorted(p for p in (source / "train").iterdir() if p.is_dir())[:CLASSES]:
+        train = sorted(folder.iterdir())
+        val = sorted((source / "val" / folder.name).iterdir()) + train[TRAIN_PER_CLASS:]
+        for split, photos in (("train", train[:TRAIN_PER_CLASS]), ("val", val[:VAL_PER_CLASS])):
+            (data / split / folder.name).mkdir(parents=True)
+            for photo in photos:
+                (data / split / folder.name / photo.name).symlink_to(photo)
+
+
+def main(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-train-head-") as tmp:
+        tmp = Path(tmp)
+        make_data(args.set, tmp / "photos")
+        result = {"val_images": sum(1 for _ in (tmp / "photos" / "val").glob("*/*"))}
+        for run, extra in (("cold", []), ("warm", ["--weight-decay", "0.01"])):
+            command = [sys.executable, str(PROJECT_ROOT / "training" / "train_head.py"), str(tmp / "photos"),
+                       "--name", "bench", "--version", run, "--backbone", args.backbone, "--out", str(tmp / "out"),
+                       "--cache-dir", str(tmp / "features"), "--export-cache", str(tmp / "onnx"), "--no-progress", *extra]
+            started = time.perf_counter()
+            completed = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, cwd=PROJECT_ROOT,
+                                       env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+            seconds = time.perf_counter() - started
+            if completed.returncode != 0:
+                raise RuntimeError(f"train_head failed: {completed.stderr[-2000:]}")
+            report = json.loads((tmp / "out" / f"bench_v{run}.report.json").read_text())
+            info = json.loads(subprocess.run(["unzip", "-p", str(tmp / "out" / f"bench_v{run}.mar"), "model_info.json"],
+                                             capture_output=True, text=True, check=True).stdout)
+            result[run] = {"wall_s": round(seconds, 1), "phases_s": report["timings_s"],
+                           "val_accuracy": report["metrics"]["accuracy"],
+                           "archive_mb": round((tmp / "out" / f"bench_v{run}.mar").stat().st_size / 1e6, 1),
+                           "guard": {k: v.get("reason") for k, v in info.get("precision_guard", {}).items()}}
+        result["command"] = " ".join([".venv/bin/python", "training/train_head.py", "PHOTOS", *command[3:]]).replace(str(tmp), "TMP")
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(get_args_parser().parse_args())))
