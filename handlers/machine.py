@@ -31,3 +31,8 @@ def _cpuinfo(field: str) -> str | None:
 def cpu_model() -> str:
     """The CPU's model name, for people reading a report or a manifest."""
     return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags as /proc/cpuinfo names them (empty where there is none)."""
+    return set((_cpuinfo("flags") or "").split())

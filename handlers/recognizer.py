@@ -18,7 +18,7 @@ from handlers.backbones import Backbone, FeatureClassifier, get_backbone
 from handlers.constants import CLASSIFIER_FILE, FEATURES_DATA_FILE, HEAD_FILE, LABELS_FILE, MODEL_INFO_FILE, PRECISIONS
 from handlers.heads import FeatureHead, build_head
 from handlers.manifest import file_sha256
-from handlers.runtime import PortableFeatures, choose_precision, load_portable_features, read_weights, selected_engine
+from handlers.runtime import PortableFeatures, choose_precision, default_engine, load_portable_features, read_weights
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +97,9 @@ def load_classifier(model_dir: str | Path, info: dict, backbone: Backbone) -> nn
 def load_recognizer(model_dir: str | Path, precision: str | None = None, engine: str | None = None) -> LoadedModel:
     """Load an unpacked archive (or a staging directory with the same files).
 
-    ``engine``: "openvino", "onnxruntime" or "eager" (default ``$IMAGEREC_BACKBONE_RUNTIME``, else
-    handlers/runtime.py's default). A missing or damaged graph runs eager, with a warning.
+    ``engine``: "onnxruntime", "openvino" or "eager" (default ``$IMAGEREC_BACKBONE_RUNTIME``, else
+    the one handlers/runtime.py picks for the precision). A missing or damaged graph runs eager, with
+    a warning.
     ``precision``: None chooses for this machine (the archive's policy, its accuracy guard, this
     CPU: handlers/runtime.py); "fp32" or "bf16" force one (benchmarks, tests).
     """
@@ -109,8 +110,10 @@ def load_recognizer(model_dir: str | Path, precision: str | None = None, engine:
     if record.get("data_sha256") and file_sha256(model_dir / FEATURES_DATA_FILE) != record["data_sha256"]:
         # The weights themselves are damaged: no runtime can answer right, so refuse to load.
         raise ValueError(f"{model_dir}: {FEATURES_DATA_FILE} is damaged (sha256 differs from the manifest)")
-    engine = engine or selected_engine()
-    chosen, why = choose_precision(info, engine, precision)
+    chosen, why = choose_precision(info, precision)
+    engine = engine or default_engine(chosen)
+    if engine != "openvino" and chosen == "bf16" and precision is None:
+        chosen, why = "fp32", f"{why}; but {engine} has no bf16 CPU path"
     if precision is None:
         logger.info("backbone precision %s: %s", chosen, why)
     body = None

@@ -1,18 +1,20 @@
-"""The backbone's fast path: the archive's portable ONNX graph run by OpenVINO or ONNX Runtime.
+"""The backbone's fast path: the archive's portable ONNX graph run by ONNX Runtime or OpenVINO.
 
 The graph (imagerec/export.py writes it at build time) holds plain ONNX operators: nothing in it is
 specific to the machine that built it. The runtime picks its kernels for this CPU when the worker
 loads it, with the worker's thread count, so an archive is fast on every x86 CPU.
 
-Engines (``$IMAGEREC_BACKBONE_RUNTIME`` chooses; ``DEFAULT_ENGINE`` otherwise):
-- ``openvino`` (default): fastest at batch 8 here and the only one of the two with a bf16 CPU path
-  (AVX-512 bf16 / AMX); docs/bench/runtime.md has the in-worker measurements behind the choice.
-- ``onnxruntime``: the same graph and answers; the peer it was chosen against.
-- ``eager``: torch, the reference; also what runs when the graph is missing or cannot be loaded.
+Precision is chosen first, on the machine that serves (``choose_precision``): bf16 only where the
+archive's accuracy guard allowed it (model_info.json ``precision_guard``, judged by task accuracy
+at build time) and this CPU makes it pay: AMX. With AVX-512 bf16 alone (no AMX) bf16 ran 1.3-1.6x
+slower than fp32 here (docs/bench/runtime.md); ``$IMAGEREC_BACKBONE_PRECISION=bf16`` takes it there
+anyway, ``=fp32`` never. The log says what was chosen and why.
 
-Reduced precision is chosen here, on the machine that serves: bf16 only where the archive's guard
-verdict allows it (model_info.json ``precision_guard``, judged by task accuracy at build time) and
-this CPU runs bf16 natively; otherwise fp32, and the log says why.
+Then the engine (``$IMAGEREC_BACKBONE_RUNTIME`` overrides; docs/bench/runtime.md has the
+measurements behind the defaults):
+- ``onnxruntime`` for fp32: the fastest fp32 peer here at batch 1 and 8, and the lighter worker;
+- ``openvino`` for bf16: ONNX Runtime has no bf16 CPU path;
+- ``eager``: torch, the reference; also what runs when the graph is missing or cannot be loaded.
 """
 
 from __future__ import annotations
@@ -27,16 +29,19 @@ import torch
 from torch import nn
 
 from handlers.constants import FEATURES_DATA_FILE, FEATURES_GRAPH_FILE, FEATURES_INDEX_FILE
+from handlers.machine import cpu_flags
 from handlers.manifest import file_sha256
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("openvino", "onnxruntime", "eager")
-DEFAULT_ENGINE = "openvino"
+ENGINES = ("onnxruntime", "openvino", "eager")
 ENGINE_VAR = "IMAGEREC_BACKBONE_RUNTIME"
-# Tests and operators can hide this CPU's reduced-precision units (as on a CPU without them).
-HIDE_CAPABILITIES_VAR = "IMAGEREC_HIDE_CPU_CAPABILITIES"
+PRECISION_VAR = "IMAGEREC_BACKBONE_PRECISION"  # operators: fp32, or bf16 (still only where the guard allowed it)
+# Tests and operators can hide CPU flags (comma-separated, as in /proc/cpuinfo), as on a CPU without them.
+HIDE_FLAGS_VAR = "IMAGEREC_HIDE_CPU_FLAGS"
 REDUCED_PRECISIONS = ("bf16",)
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # bf16 computed in hardware
+FAST_BF16_FLAGS = {"amx_bf16"}  # ... and faster than fp32 (measured)
 _OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 
 
@@ -48,53 +53,52 @@ def worker_threads(workers: int, torch_threads: int = 0) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
-def selected_engine() -> str:
-    engine = os.environ.get(ENGINE_VAR, DEFAULT_ENGINE)
-    if engine not in ENGINES:
+def _visible_flags() -> set[str]:
+    hidden = {flag.strip().lower() for flag in os.environ.get(HIDE_FLAGS_VAR, "").split(",") if flag.strip()}
+    return cpu_flags() - hidden
+
+
+def cpu_precisions() -> set[str]:
+    """Precisions this CPU computes natively (what the accuracy guard can judge here)."""
+    return {"fp32"} | ({"bf16"} if _visible_flags() & NATIVE_BF16_FLAGS else set())
+
+
+def engine_override() -> str | None:
+    engine = os.environ.get(ENGINE_VAR) or None
+    if engine is not None and engine not in ENGINES:
         raise ValueError(f"{ENGINE_VAR}={engine!r}: choose one of {', '.join(ENGINES)}")
     return engine
 
 
-def _hidden_capabilities() -> set[str]:
-    return {item.strip().upper() for item in os.environ.get(HIDE_CAPABILITIES_VAR, "").split(",") if item.strip()}
+def default_engine(precision: str) -> str:
+    """The engine for ``precision`` unless ``$IMAGEREC_BACKBONE_RUNTIME`` says otherwise."""
+    return engine_override() or ("openvino" if precision == "bf16" else "onnxruntime")
 
 
-def cpu_precisions(engine: str) -> set[str]:
-    """Precisions this CPU runs natively with ``engine``, as the engine itself reports them."""
-    if engine != "openvino":
-        return {"fp32"}  # ONNX Runtime's CPU kernels have no bf16 path; eager bf16 is autocast, slower here
-    import openvino as ov
-
-    capabilities = set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")) - _hidden_capabilities()
-    return {"fp32"} | ({"bf16"} if "BF16" in capabilities else set())
-
-
-def choose_precision(info: dict, engine: str, requested: str | None = None) -> tuple[str, str]:
+def choose_precision(info: dict, requested: str | None = None) -> tuple[str, str]:
     """(precision, why) the backbone runs in on this machine.
 
     ``requested`` ("fp32", "bf16") forces one (benchmarks, tests). Otherwise the archive's policy
-    decides (model_info.json ``precision``): "fp32" never reduces; "auto" or "bf16" take bf16 where
-    the archive's accuracy guard allowed it and this CPU runs it natively with ``engine``.
+    (model_info.json ``precision``: "fp32" never reduces; "auto" or "bf16" may), its guard's verdict,
+    this CPU and ``$IMAGEREC_BACKBONE_PRECISION`` decide.
     """
     if requested is not None:
         return requested, "requested by the caller"
-    policy = info.get("precision", "fp32")
-    if policy == "fp32":
+    if info.get("precision", "fp32") == "fp32":
         return "fp32", "the archive asks for fp32"
-    verdicts = info.get("precision_guard") or {}
-    reasons = []
-    for precision in REDUCED_PRECISIONS if policy == "auto" else (policy,):
-        verdict = verdicts.get(precision)
-        if not verdict or not verdict.get("allowed"):
-            reasons.append(f"{precision} refused by the accuracy guard: "
-                           f"{verdict.get('reason') if verdict else 'not judged when the archive was built'}")
-        elif engine == "eager":
-            reasons.append(f"{precision} would be autocast in eager torch, slower than fp32 here")
-        elif precision not in cpu_precisions(engine):
-            reasons.append(f"this CPU has no native {precision} for {engine}")
-        else:
-            return precision, f"{precision} allowed by the accuracy guard ({verdict.get('reason')}), native here"
-    return "fp32", "; ".join(reasons)
+    verdict = (info.get("precision_guard") or {}).get("bf16")
+    if not verdict or not verdict.get("allowed"):
+        reason = verdict.get("reason") if verdict else "not judged when the archive was built"
+        return "fp32", f"bf16 refused by the accuracy guard: {reason}"
+    override = os.environ.get(PRECISION_VAR)
+    if override == "fp32":
+        return "fp32", f"{PRECISION_VAR}=fp32"
+    if "bf16" not in cpu_precisions():
+        return "fp32", "this CPU has no native bf16"
+    if override != "bf16" and not _visible_flags() & FAST_BF16_FLAGS:
+        return "fp32", (f"this CPU has no AMX: bf16 on AVX-512 bf16 alone ran slower than fp32 "
+                        f"(set {PRECISION_VAR}=bf16 to use it anyway)")
+    return "bf16", f"bf16 allowed by the accuracy guard ({verdict.get('reason')}) and fast here"
 
 
 def read_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -5,8 +5,8 @@ Runs where labelled photos exist, at build time: ``scripts/build_archive.py --gu
 and ``training/train_head.py`` (the head's validation accuracy). A precision passes when its
 accuracy is within ``tolerance`` (default 1 point) of fp32 on the same photos. The verdicts go into
 the manifest (model_info.json ``precision_guard``); the worker uses a precision only if it passed
-there and the serving CPU runs it natively (handlers/runtime.py ``choose_precision``), and logs why
-not otherwise.
+there and the serving CPU makes it pay (handlers/runtime.py ``choose_precision``), and logs why not
+otherwise.
 
 A precision can only be judged on a machine that runs it natively: elsewhere the runtime would
 silently compute fp32, and the verdict would say nothing. It is then recorded as not judged (off).
@@ -30,7 +30,7 @@ from handlers.constants import FEATURES_GRAPH_FILE
 
 logger = logging.getLogger(__name__)
 
-GUARD_ENGINE = "openvino"  # the engine whose reduced precisions the worker would use
+GUARD_ENGINE = "openvino"  # the engine that runs the worker's reduced precisions
 DEFAULT_TOLERANCE = 0.01  # one point of accuracy
 LABELS_FILE = "labels.tsv"  # file<TAB>class index<TAB>synset, one labelled photo a line
 
@@ -51,7 +51,7 @@ def not_judged(reason: str) -> dict:
 
 def native_reduced_precisions() -> list[str]:
     """Reduced precisions this build machine can judge (it runs them natively)."""
-    native = cpu_precisions(GUARD_ENGINE)
+    native = cpu_precisions()
     return [precision for precision in REDUCED_PRECISIONS if precision in native]
 
 

@@ -20,7 +20,8 @@ from handlers.manifest import read_archive_info
 from handlers.backbones import FeatureClassifier, get_backbone, imagenet_categories
 from handlers.imaging import ImagePreprocessor, decode_image, eval_transform
 from handlers.recognizer import Recognizer, load_recognizer
-from handlers.runtime import cpu_precisions
+from handlers.machine import cpu_flags
+from handlers.runtime import FAST_BF16_FLAGS, PRECISION_VAR, cpu_precisions
 from imagerec.export import exported_graph_dir
 from imagerec.precision_guard import guard_imagenet
 from scripts.ts_runtime import PROJECT_ROOT
@@ -37,7 +38,8 @@ def real_photos(samples_dir, datasets_dir) -> list:
     return photos
 
 
-NATIVE_BF16 = "bf16" in cpu_precisions("openvino")
+NATIVE_BF16 = "bf16" in cpu_precisions()
+FAST_BF16 = bool(cpu_flags() & FAST_BF16_FLAGS)  # AMX: where the worker takes bf16 by itself
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +56,16 @@ def bf16_archive(archive_dir, datasets_dir):
     )
 
 
-def test_the_guard_verdict_is_recorded_and_decides_the_precision(bf16_archive, tmp_path):
+def test_the_guard_verdict_is_recorded_and_decides_the_precision(bf16_archive, tmp_path, monkeypatch):
     verdict = read_archive_info(bf16_archive)["precision_guard"]["bf16"]
     loaded = load_recognizer(extract_archive(bf16_archive, tmp_path))
     if NATIVE_BF16:
         # efficientnet_lite0 loses well under a point of Top-1 in bf16 (docs/bench/runtime.md).
         assert verdict["allowed"] is True and verdict["metric"] == "imagenet_top1" and verdict["images"] == 500
         assert abs(verdict["bf16"] - verdict["fp32"]) <= 0.01 and verdict["fp32"] > 0.8
+        assert loaded.recognizer.precision == ("bf16" if FAST_BF16 else "fp32")
+        monkeypatch.setenv(PRECISION_VAR, "bf16")  # the operator's choice where bf16 is native but not AMX
+        loaded = load_recognizer(tmp_path)
         assert loaded.recognizer.precision == "bf16" and loaded.recognizer.runtime == "openvino"
     else:  # a build machine without native bf16 cannot judge it: off
         assert verdict["allowed"] is False and "not judged" in verdict["reason"]
@@ -70,8 +75,12 @@ def test_the_guard_verdict_is_recorded_and_decides_the_precision(bf16_archive, t
 
 
 def test_bf16_is_served_as_in_process_and_close_to_fp32(torchserve_factory, bf16_archive, samples_dir,
-                                                       datasets_dir, tmp_path):
-    server = torchserve_factory([bf16_archive], models=f"efficientnet_lite0_bf16={bf16_archive.name}")
+                                                       datasets_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(PRECISION_VAR, "bf16")  # bf16 wherever it is native and allowed, AMX or not
+    server = torchserve_factory([bf16_archive], models=f"efficientnet_lite0_bf16={bf16_archive.name}",
+                                env={PRECISION_VAR: "bf16"})
+    if NATIVE_BF16:
+        assert "backbone efficientnet_lite0 (bf16, openvino)" in (server.log_dir / "model_log.log").read_text()
     model_dir = extract_archive(bf16_archive, tmp_path)
     bf16 = load_recognizer(model_dir).recognizer  # what this machine chooses, as the worker does
     fp32 = load_recognizer(model_dir, precision="fp32").recognizer

@@ -19,7 +19,8 @@ from handlers.backbones import get_backbone, imagenet_categories
 from handlers.imaging import ImagePreprocessor
 from handlers.manifest import read_archive_info
 from handlers.recognizer import load_recognizer
-from handlers.runtime import HIDE_CAPABILITIES_VAR, choose_precision, cpu_precisions
+from handlers.runtime import FAST_BF16_FLAGS, HIDE_FLAGS_VAR, PRECISION_VAR, choose_precision, cpu_precisions
+from handlers.machine import cpu_flags
 from imagerec.export import exported_graph_dir
 from imagerec.precision_guard import guard_imagenet, graph_features
 from scripts.ts_runtime import PROJECT_ROOT, serving_python
@@ -48,7 +49,7 @@ def test_served_answers_equal_eager_torch(imagenet_server, efficientnet_archive,
     log = (imagenet_server.log_dir / "model_log.log").read_text()
     for archive in (efficientnet_archive, resnet18_archive):
         name = read_archive_info(archive)["name"]
-        assert f"backbone {name} (fp32, openvino)" in log
+        assert f"backbone {name} (fp32, onnxruntime)" in log
         eager = load_recognizer(extract_archive(archive, tmp_path / name), engine="eager")
         assert eager.recognizer.runtime == "eager"
         preprocessor = ImagePreprocessor(eager.backbone.preprocessing)
@@ -75,6 +76,7 @@ def test_the_fast_path_runs_on_another_cpu_and_thread_count(efficientnet_archive
         from handlers.recognizer import load_recognizer
         from handlers.runtime import cpu_precisions
         fast = load_recognizer({str(unpacked)!r})
+        openvino = load_recognizer({str(unpacked)!r}, engine="openvino")
         eager = load_recognizer({str(unpacked)!r}, engine="eager")
         preprocess = ImagePreprocessor(eager.backbone.preprocessing)
         images = torch.stack([preprocess(open(p, "rb").read()) for p in {photos!r}])
@@ -82,16 +84,19 @@ def test_the_fast_path_runs_on_another_cpu_and_thread_count(efficientnet_archive
             reference = eager.recognizer(images).softmax(1)
             batched = fast.recognizer(images).softmax(1)
             single = torch.cat([fast.recognizer(image[None]) for image in images]).softmax(1)
+            other = openvino.recognizer(images).softmax(1)
         print(json.dumps({{"runtime": fast.recognizer.runtime, "threads": fast.recognizer.network.body.threads,
-                          "precisions": sorted(cpu_precisions("openvino")), "rows": len(batched),
-                          "build_modules": sorted(m for m in sys.modules if m.split(".")[0] in
-                                                  ("imagerec", "onnxscript", "onnx", "yaml", "training", "scripts")
-                                                  or m in ("openvino.torch", "torch.onnx", "handlers.archive")),
+                          "other": openvino.recognizer.runtime, "precision": fast.recognizer.precision,
+                          "precisions": sorted(cpu_precisions()), "rows": len(batched),
+                          "build_modules": sorted(name for name, module in sys.modules.items() if module is not None
+                                                  and (name.split(".")[0] in ("imagerec", "onnxscript", "onnx", "training", "scripts")
+                                                       or name in ("openvino.torch", "torch.onnx", "handlers.archive"))),
                           "difference": max((batched - reference).abs().max().item(),
-                                            (single - reference).abs().max().item())}}))
-    """, env={HIDE_CAPABILITIES_VAR: "BF16"})
-    assert result["runtime"] == "openvino" and result["threads"] == 1
-    assert result["precisions"] == ["fp32"]
+                                            (single - reference).abs().max().item(),
+                                            (other - reference).abs().max().item())}}))
+    """, env={HIDE_FLAGS_VAR: "avx512_bf16,amx_bf16"})
+    assert result["runtime"] == "onnxruntime" and result["other"] == "openvino" and result["threads"] == 1
+    assert result["precisions"] == ["fp32"] and result["precision"] == "fp32"
     assert result["rows"] == len(photos) and result["difference"] < 1e-4, result
     # The worker imports the runtime only: no exporter, no build code, not OpenVINO's torch backend.
     assert result["build_modules"] == [], result["build_modules"]
@@ -165,16 +170,22 @@ def test_the_guard_refuses_a_precision_that_drops_accuracy(guard_photos):
     assert verdicts["same"]["fp32"] > 0.7 and verdicts["same"]["images"] == 100
 
 
-def test_the_worker_uses_a_precision_only_where_the_guard_allowed_it_and_the_cpu_has_it():
+def test_the_worker_uses_a_precision_only_where_the_guard_allowed_it_and_the_cpu_has_it(monkeypatch):
     allowed = {"precision": "auto", "precision_guard": {"bf16": {"allowed": True, "reason": "within"}}}
     refused = {"precision": "auto", "precision_guard": {"bf16": {"allowed": False, "reason": "Top-1 fell 3 points"}}}
-    native = "bf16" in cpu_precisions("openvino")
-    assert choose_precision(allowed, "openvino")[0] == ("bf16" if native else "fp32")
-    precision, why = choose_precision(refused, "openvino")
+    native, fast = "bf16" in cpu_precisions(), bool(cpu_flags() & FAST_BF16_FLAGS)
+    precision, why = choose_precision(allowed)
+    assert precision == ("bf16" if fast else "fp32"), why
+    if native and not fast:
+        assert "no AMX" in why
+    monkeypatch.setenv(PRECISION_VAR, "bf16")  # an operator who wants bf16 without AMX
+    assert choose_precision(allowed)[0] == ("bf16" if native else "fp32")
+    precision, why = choose_precision(refused)
     assert precision == "fp32" and "refused by the accuracy guard: Top-1 fell 3 points" in why
-    assert choose_precision({**allowed, "precision": "fp32"}, "openvino")[0] == "fp32"
-    assert choose_precision(allowed, "onnxruntime")[0] == "fp32"  # no bf16 CPU path there
-    assert choose_precision({"precision": "auto"}, "openvino")[1].endswith("not judged when the archive was built")
+    assert choose_precision({**allowed, "precision": "fp32"})[0] == "fp32"
+    monkeypatch.setenv(HIDE_FLAGS_VAR, "avx512_bf16,amx_bf16")  # a CPU without bf16
+    assert choose_precision(allowed) == ("fp32", "this CPU has no native bf16")
+    assert choose_precision({"precision": "auto"})[1].endswith("not judged when the archive was built")
 
 
 def test_a_refused_precision_is_logged_by_the_served_worker(torchserve_factory, guard_photos, archive_dir, tmp_path):
@@ -193,10 +204,10 @@ def test_a_refused_precision_is_logged_by_the_served_worker(torchserve_factory, 
     server = torchserve_factory([archive], models=f"strict_guard={archive.name}")
     log = (server.log_dir / "model_log.log").read_text()
     assert "backbone precision fp32: bf16 refused by the accuracy guard" in log
-    assert "backbone efficientnet_lite0 (fp32, openvino)" in log
+    assert "backbone efficientnet_lite0 (fp32, onnxruntime)" in log
 
 
 def test_an_archive_without_the_guard_s_verdict_never_reduces(efficientnet_archive):
     info = read_archive_info(efficientnet_archive)
     assert info["precision"] == "auto" and info["precision_guard"] == {}
-    assert choose_precision(info, "openvino")[0] == "fp32"
+    assert choose_precision(info)[0] == "fp32"

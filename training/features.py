@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from handlers.backbones import Preprocessing, get_backbone
 from handlers.constants import FEATURES_GRAPH_FILE
-from handlers.runtime import PortableFeatures, selected_engine
+from handlers.runtime import PortableFeatures, default_engine
 from handlers.manifest import file_sha256
 from handlers.machine import user_cache_dir
 from handlers.imaging import decode_image, eval_transform
@@ -103,7 +103,7 @@ class FeatureExtractor:
 
     ``extract(paths)`` -> (N, D) plain-view features; ``extract(paths, views=V, seed=S)`` ->
     (N, V, D) augmented views. ``hashes`` (sha256 of each file) may be given to skip rehashing.
-    ``engine``: "openvino", "onnxruntime" or "eager" (default: the served one); ``precision``:
+    ``engine``: "onnxruntime", "openvino" or "eager" (default: the served one); ``precision``:
     "fp32" or "bf16" (the accuracy guard's reduced-precision features; cached apart from fp32).
     """
 
@@ -123,7 +123,7 @@ class FeatureExtractor:
         self.eval_transform = eval_transform(self.preprocessing)
         self._train_transform = None  # built on the first augmented cache miss
         self.stats = ExtractionStats()
-        self.engine = engine or selected_engine()
+        self.engine = engine or default_engine(precision)
         self.precision = precision
         self.export_cache = export_cache
         self._network = None  # loaded on the first cache miss: a warm run never pays for it
