@@ -10,7 +10,8 @@ and the served ImageNet model's accuracy through HTTP.
    torch eager fp32 (channels-last) and bf16 (autocast), ONNX Runtime fp32, OpenVINO fp32 and bf16,
    all from the same archive files, per image at batch 1, 8 and 16, rounds interleaved so that load
    from other processes falls on every peer alike. Threads: the worker's (cores / workers).
-3. Served: one TorchServe per engine (``IMAGEREC_BACKBONE_RUNTIME``) with both archives: 1 and 16
+3. Served: one TorchServe as deployed (the worker picks engine and precision) and one with
+   ``IMAGEREC_BACKBONE_RUNTIME=openvino``, each with both archives: 1 and 16
    closed-loop clients per model (scripts/bench_serving.py's load generator), and each worker's
    proportional memory (PSS) idle after start and after the load (once its idle trim ran).
 4. ImageNet Top-1 / Top-3 of the served efficientnet_lite0 on ``--imagenet`` through HTTP (answers
@@ -45,7 +46,9 @@ logger = logging.getLogger("bench_runtime")
 
 PEERS = ("eager fp32", "eager bf16", "onnxruntime fp32", "openvino fp32", "openvino bf16")
 BATCHES = (1, 8, 16)
-SERVED_ENGINES = ("onnxruntime", "openvino")  # the first is the fp32 default: it answers the ImageNet photos
+# "default": the worker chooses (ONNX Runtime for fp32, OpenVINO for bf16 on AMX); it also answers
+# the ImageNet photos. "openvino": every model on OpenVINO, its peer.
+SERVED_ENGINES = ("default", "openvino")
 MEMORY_SETTLE_S = 4.0  # the handler trims freed memory after 2 s idle
 
 
@@ -208,7 +211,7 @@ def served(workdir: Path, built: dict, engine: str, photos: list[bytes], imagene
         install_archive(path, store)
     load_models = ",".join(f"{m}={Path(p).name}" for m, p in built["archives"].items())
     server = TorchServe(model_store=store, workdir=workdir / f"server-{engine}", models=load_models,
-                        env={"IMAGEREC_BACKBONE_RUNTIME": engine})
+                        env={} if engine == "default" else {"IMAGEREC_BACKBONE_RUNTIME": engine})
     result = {"engine": engine, "runs": []}
     with server:
         roles = server_processes(server, models)
