@@ -142,6 +142,8 @@ class PortableFeatures(nn.Module):
             # Workers share the cores: threads that spin while waiting steal them from the others.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.log_severity_level = 3
+            # The memory arena stays on: off, a worker holds about 100 MB less after batches but
+            # batch 8 ran 40% slower (docs/bench/runtime.md).
             self._session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
             self._input = self._session.get_inputs()[0].name
             self._run = self._run_onnxruntime
