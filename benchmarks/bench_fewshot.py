@@ -33,7 +33,7 @@ from benchmarks.report import machine_description, replace_section
 from handlers.backbones import get_backbone
 from handlers.heads import build_head
 from imagerec.cli import EXIT_BAD_ARGUMENTS, run_cli
-from imagerec.compile_backbone import CACHE_DIR_VAR
+from imagerec.export import CACHE_DIR_VAR
 from imagerec.paths import DATASETS_DIR as DATASETS
 from imagerec.paths import PROJECT_ROOT
 from training.data import load_dataset
@@ -204,7 +204,7 @@ def finetune_baseline(args) -> dict:
 
 def time_train_head(args) -> dict:
     """Wall time of training/train_head.py as a user runs it: 5 class folders x 20 photos. Cold: empty
-    feature cache and empty compiled-backbone cache (the first head on a new machine); warm: both filled."""
+    feature cache and empty exported-graph cache (the first head on a new machine); warm: both filled."""
     source = args.datasets_dir / args.timing_set / "train"
     with tempfile.TemporaryDirectory(prefix="bench-train-head-") as tmp:
         tmp = Path(tmp)
@@ -218,7 +218,7 @@ def time_train_head(args) -> dict:
             command = [sys.executable, str(PROJECT_ROOT / "training" / "train_head.py"), str(data),
                        "--name", "bench", "--version", version, "--backbone", BACKBONE, "--out", str(tmp / "out"),
                        "--cache-dir", str(tmp / "cache"), "--no-progress"]
-            env = {**os.environ, CACHE_DIR_VAR: str(tmp / "compile-cache")}
+            env = {**os.environ, CACHE_DIR_VAR: str(tmp / "onnx-cache")}
             started = time.perf_counter()
             result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
             timings[run] = time.perf_counter() - started

@@ -5,9 +5,11 @@ the serving environment's torch (.venv-serve), on the archives the servers load.
 
 bench_serving.py writes the spec and reads the result; run by hand only to repeat its measurements.
 Each archive is measured in three variants, all from the same files:
-  fp32        eager backbone (the reference of the guard)
-  fp32+aoti   the archive's AOTInductor-compiled backbone (handlers/compiled.py)
-  bf16        eager backbone under bf16 autocast
+  fp32              eager backbone (the reference of the guard)
+  fp32+onnxruntime  the archive's ONNX graph on ONNX Runtime (handlers/runtime.py)
+  fp32+openvino     the archive's ONNX graph on OpenVINO
+  bf16+openvino     the same graph on OpenVINO in bf16
+  bf16              eager backbone under bf16 autocast
 Imports torch and handlers only: the serving environment has nothing else (it finds this project
 on PYTHONPATH).
 """
@@ -26,18 +28,15 @@ from handlers.layout import extract_archive
 
 logger = logging.getLogger("bench_in_worker")
 
-VARIANTS = ("fp32", "fp32+aoti", "bf16")
+VARIANTS = ("fp32", "fp32+onnxruntime", "fp32+openvino", "bf16+openvino", "bf16")
 REFERENCE_VARIANT = "fp32"
 GUARD_MIN_TOP1 = 0.99
 GUARD_MAX_PROB_CHANGE = 0.02
 
 
 def variants_of(model_dir: Path) -> list[str]:
-    """The variants an unpacked archive can run: fp32+aoti only if it has a compiled backbone."""
-    from handlers.layout import read_archive_info
-
-    compiled = bool(read_archive_info(model_dir).get("compiled"))
-    return [v for v in VARIANTS if compiled or not v.endswith("+aoti")]
+    """The variants an unpacked archive can run: all of them (every archive carries its graph)."""
+    return list(VARIANTS)
 
 
 def load_variant(model_dir: Path, variant: str):
@@ -45,10 +44,10 @@ def load_variant(model_dir: Path, variant: str):
     from handlers.imaging import ImagePreprocessor
     from handlers.recognizer import load_recognizer
 
-    precision = variant.split("+")[0]
-    loaded = load_recognizer(model_dir, precision=precision, compile=variant.endswith("+aoti"))
-    if variant.endswith("+aoti") and not loaded.recognizer.compiled:
-        raise RuntimeError(f"{model_dir}: no usable compiled backbone for variant {variant}")
+    precision, _, engine = variant.partition("+")
+    loaded = load_recognizer(model_dir, precision=precision, engine=engine or "eager")
+    if loaded.recognizer.runtime != (engine or "eager"):
+        raise RuntimeError(f"{model_dir}: no usable backbone graph for variant {variant}")
     return loaded, ImagePreprocessor(loaded.backbone.preprocessing)
 
 

@@ -39,7 +39,8 @@ from benchmarks.bench_fewshot import BACKBONE, DATASETS, draw_episode, set_featu
 from handlers.heads import build_head
 from handlers.rejection import DEFAULT_KEEP
 from imagerec.cli import EXIT_BAD_ARGUMENTS, run_cli
-from imagerec.compile_backbone import CACHE_DIR_VAR
+from imagerec.export import CACHE_DIR_VAR
+from imagerec.files import link_or_copy
 from imagerec.paths import PROJECT_ROOT
 from training.evaluation import auroc, fpr_at_keep, mean_ci95
 from training.features import FeatureExtractor, default_cache_dir
@@ -192,15 +193,15 @@ def time_train_head(args) -> dict:
         for folder in sorted(p for p in source.iterdir() if p.is_dir())[:5]:
             (data / folder.name).mkdir(parents=True)
             for photo in sorted(folder.iterdir())[:20]:
-                (data / folder.name / photo.name).symlink_to(photo)
-        env = {**os.environ, CACHE_DIR_VAR: str(tmp / "compile-cache")}
+                link_or_copy(photo, data / folder.name / photo.name)
+        env = {**os.environ, CACHE_DIR_VAR: str(tmp / "export-cache")}
         # The first run only warms the caches; then linear and auto alternate.
         runs = ["linear"] + [head for _ in range(args.timing_runs) for head in ("linear", "auto")]
         for number, head in enumerate(runs):
             command = [sys.executable, str(PROJECT_ROOT / "training" / "train_head.py"), str(data), "--name", "bench",
                        "--version", str(number + 1), "--backbone", BACKBONE,
                        "--out", str(tmp / "out"), "--cache-dir", str(args.cache_dir), "--no-progress",
-                       "--compile", "none", "--head", head, "--force"]
+                       "--head", head, "--force"]
             started = time.perf_counter()
             result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
             seconds = time.perf_counter() - started
@@ -210,7 +211,7 @@ def time_train_head(args) -> dict:
                 timings[head].append(seconds)
                 logger.info("train_head --head %s warm: %.1fs", head, seconds)
     timings["command"] = ("python training/train_head.py PHOTOS(clothing10, 5 classes x 20) --backbone "
-                          f"{BACKBONE} --compile none --head {{linear,auto}} (feature cache warm)")
+                          f"{BACKBONE} --head {{linear,auto}} (feature cache warm)")
     return timings
 
 

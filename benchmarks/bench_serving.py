@@ -10,7 +10,7 @@ What it does, in order:
    and the archives: resnet18 (self-made weights, as in tests/conftest.py) with its lever variants,
    efficientnet_lite0 and two prototype heads on it (clothing10, signdigits10). Then, with the
    workers' torch (benchmarks/bench_in_worker.py in .venv-serve): the forward costs behind the ceiling
-   and the accuracy guard (compiled and bf16 against fp32 eager on every val image of
+   and the accuracy guard (ONNX runtimes and bf16 against fp32 eager on every val image of
    ../shared/datasets), for each variant of the served archives.
 2. Served: one TorchServe with the resnet18 archives, then one with efficientnet_lite0 and the two
    heads (the memory target: backbone plus two heads, one worker each). Each model is loaded by
@@ -47,7 +47,6 @@ from benchmarks.serving_offline import HEAD_SETS, offline_phase, reference_phase
 from benchmarks.serving_report import MEMORY_SETTLE_S, SECTION, build_report, fmt
 from handlers.constants import PRECISIONS
 from imagerec.cli import EXIT_BAD_ARGUMENTS, run_cli
-from imagerec.compile_backbone import COMPILE_MODES
 from imagerec.paths import DATASETS_DIR, DOCS_DIR
 from imagerec.torchserve import TorchServe, install_archive
 
@@ -73,10 +72,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--request-timeout", type=float, default=30.0, help="seconds per HTTP request")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="precision of the served archives (default: scripts/build_archive.py's)")
-    parser.add_argument("--compile", choices=COMPILE_MODES, default=None,
-                        help="compile the served archives' backbones (default: scripts/build_archive.py's)")
     parser.add_argument("--compare-variants", action=argparse.BooleanOptionalAction, default=True,
-                        help="also serve resnet18 as the other variants (fp32 eager, fp32+aoti, bf16)")
+                        help="also serve resnet18 as the other precision (fp32, bf16)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="TorchServe batch size of the archives (default: imagerec.archive.BatchingConfig's)")
     parser.add_argument("--max-batch-delay", type=int, default=None,

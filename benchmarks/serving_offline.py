@@ -49,15 +49,13 @@ def offline_phase(options: dict) -> dict:
     import torch
 
     from imagerec.archive import BatchingConfig
-    from imagerec.options import add_batching_arguments, compile_with_from_args
+    from imagerec.options import add_batching_arguments
 
     workdir = Path(options["workdir"])
     build_parser = argparse.ArgumentParser()
     add_batching_arguments(build_parser)
     defaults = build_parser.parse_args([])  # the archive options' defaults, as build_archive.py has them
     precision = options["precision"] or defaults.precision
-    defaults.precision, defaults.compile = precision, options["compile"]
-    compiled = compile_with_from_args(defaults) is not None
     batching = BatchingConfig(
         batch_size=options["batch_size"] or defaults.batch_size,
         max_batch_delay_ms=defaults.max_batch_delay if options["max_batch_delay"] is None else options["max_batch_delay"],
@@ -65,7 +63,7 @@ def offline_phase(options: dict) -> dict:
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     photos = val_photos(Path(options["datasets"]))
-    default_variant = variant_name(precision, compiled)
+    default_variant = precision
     result = {"variant": default_variant, "batching": vars(batching), "threads": threads, "photos": len(photos)}
     weights = make_resnet18_weights(workdir)
     result["reference"] = reference_timings(weights, photos, options["reference_reps"])
@@ -74,11 +72,6 @@ def offline_phase(options: dict) -> dict:
     result["archives"] = build_bench_archives(workdir, weights, heads, default_variant, batching, options)
     result["worker"] = in_worker_measurements(workdir, result["archives"], photos, batching.batch_size, threads, options)
     return result
-
-
-def variant_name(precision: str, compiled: bool) -> str:
-    """The names of benchmarks/bench_in_worker.py: fp32, fp32+aoti, bf16."""
-    return f"{precision}+aoti" if compiled else precision
 
 
 def resnet18_variant_model(variant: str) -> str:
@@ -93,7 +86,7 @@ def in_worker_measurements(workdir: Path, archives: dict, photos: list[Path], ba
     spec = {
         "threads": threads, "batch_size": batch_size, "reps": options["reference_reps"],
         "cost_photos": [str(p) for p in spread(photos, 64)],
-        # Every variant is measured from the default archive of each backbone (fp32+aoti only if compiled).
+        # Every variant is measured from the default archive of each backbone.
         "costs": {name: archives[name]["archive"] for name in ("resnet18", "efficientnet_lite0")},
         "guard": {
             "efficientnet_lite0": {"archive": archives["efficientnet_lite0"]["archive"],
@@ -280,7 +273,7 @@ def build_bench_archives(workdir: Path, weights: Path, heads: dict, default_vari
             name=name, version="1.0", backbone_name=backbone_name,
             weights_path=weights if backbone_name == "resnet18" else backbone.resolve_weights(),
             labels=labels, out_dir=out, precision=variant.split("+")[0], head=head, batching=config,
-            compile_with=serving_python() if variant.endswith("+aoti") else None, overwrite=True,
+            overwrite=True,
         )
         archives[name] = {"archive": str(path), "backbone": backbone_name, "variant": variant,
                           "batching": dataclasses.asdict(config), "head": head_set}

@@ -174,7 +174,9 @@ def ceiling_lines(offline: dict, runs: dict, top: int) -> list[str]:
 
 VARIANT_WORDS = {
     "fp32": "fp32, eager backbone",
-    "fp32+aoti": "fp32, backbone compiled with AOTInductor",
+    "fp32+onnxruntime": "fp32, the archive's ONNX graph on ONNX Runtime",
+    "fp32+openvino": "fp32, the archive's ONNX graph on OpenVINO",
+    "bf16+openvino": "bf16, the archive's ONNX graph on OpenVINO",
     "bf16": "bf16 autocast, eager backbone",
 }
 

@@ -26,8 +26,10 @@ MAX_REQUEST_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 64_000_000
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 
-# Precisions an archive can be built with.
-PRECISIONS = ("fp32", "bf16")
+# Precision policies an archive can be built with (handlers/runtime.py choose_precision applies them):
+# auto: bf16 where the accuracy guard allowed it and the serving CPU has it; fp32: never reduced;
+# bf16: as auto (kept for archives that asked for bf16 by name).
+PRECISIONS = ("auto", "fp32", "bf16")
 # Long side / short side. Resizing the short side to RESIZE_SIZE (256) makes an image 256^2 x this
 # ratio pixels whatever its own size: a 1x20000 PNG (165 bytes, far below the megapixel limit) would
 # become 256x5,120,000 (13.7 s, 5.5 GB). At 32 the resized image is at most 256x8192 (2.1 MP, 6 MB

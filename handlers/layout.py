@@ -1,30 +1,45 @@
 """The layout of a model archive: the one module that knows which file holds what.
 
-An archive (``.mar``, a zip) holds, flat at its root, the backbone weights, an optional head, the
-class names, our manifest (``model_info.json``), TorchServe's ``model-config.yaml`` and
-``MAR-INF/MANIFEST.json``, optional compiled backbone packages and check images, and the
-``handlers`` package. ``imagerec.archive`` writes it; ``ArchiveContents`` reads it back, from the
+An archive (``.mar``, a zip) holds, flat at its root, the backbone's feature body as a portable ONNX
+graph with its weights, the ImageNet classifier or a head, the class names, our manifest
+(``model_info.json``), TorchServe's ``model-config.yaml`` and ``MAR-INF/MANIFEST.json``, optional
+check images, and the ``handlers`` package. ``imagerec.archive`` writes it; ``ArchiveContents`` reads it back, from the
 ``.mar`` itself (management tools, without unpacking) or from the folder TorchServe unpacked it into
 (the worker). Standard library only: the worker and the management tools both import it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import zipfile
 from pathlib import Path
 
-WEIGHTS_FILE = "weights.pt"  # plain state_dict of the backbone (the archive's serializedFile)
+# The backbone's feature body as a portable ONNX graph (imagerec/export.py writes it, handlers/runtime.py
+# runs it). Its weights sit in one raw float32 file, ONNX external data named by the body's state_dict
+# keys; the index says where each lies, so the eager fallback reads the same file (one copy per archive).
+FEATURES_GRAPH_FILE = "features.onnx"
+FEATURES_DATA_FILE = "features.onnx.data"  # the archive's serializedFile
+FEATURES_INDEX_FILE = "features.index.json"
+CLASSIFIER_FILE = "classifier.pt"  # plain state_dict of the backbone's ImageNet classifier (ImageNet archives)
 HEAD_FILE = "head.pt"  # plain state_dict of a few-shot head
 LABELS_FILE = "index_to_name.json"  # {"0": "tench", ...}, TorchServe's own convention
 MODEL_INFO_FILE = "model_info.json"  # our manifest: backbone, precision, head, training record
 MODEL_CONFIG_FILE = "model-config.yaml"  # TorchServe's per-model config (batching, workers)
 MAR_MANIFEST_FILE = "MAR-INF/MANIFEST.json"  # written by torch-model-archiver; TorchServe reads it
-# Optional: the backbone compiled with AOTInductor (handlers/compiled.py), for one image and for batches.
-SINGLE, BATCHED = "single", "batched"
-COMPILED_FEATURES_FILES = {SINGLE: "features_b1.pt2", BATCHED: "features_batched.pt2"}
 CHECK_IMAGES_DIR = "check_images"  # a few labelled images a deployment sends before switching
 HANDLER_PACKAGE = "handlers"  # this package, shipped inside every archive
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file: the manifest records its weights' (the worker checks them at load),
+    and the feature cache keys photos by it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def check_image_member(index: int, suffix: str) -> str:

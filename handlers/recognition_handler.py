@@ -16,14 +16,20 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
 import torch
-from ts.handler_utils.timer import timed
-from ts.torch_handler.base_handler import BaseHandler
+
+# TorchServe's BaseHandler imports openvino.torch (OpenVINO's torch.compile backend) whenever
+# OpenVINO is installed: about 140 MB more per worker, for a feature we never use (the backbone runs
+# through OpenVINO's own runtime, handlers/runtime.py). Mark it absent before that import.
+sys.modules.setdefault("openvino.torch", None)
+from ts.handler_utils.timer import timed  # noqa: E402
+from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
 
 from handlers.constants import KEEP_HEADER, TOP_K, UNKNOWN_LABEL, VERSION_HEADER
 from handlers.handler_metrics import HandlerMetrics
@@ -66,15 +72,16 @@ class RecognitionHandler(BaseHandler):
         self._trim_timer = None
         self._warm_up()
         logger.info(
-            "loaded %s v%s: backbone %s (%s, %s), %d classes, %d torch threads",
+            "loaded %s v%s: backbone %s (%s, %s), %d classes, %d threads",
             self.info.get("name"), self.version, self.info["backbone"], self.model.precision,
-            "compiled" if self.model.compiled else "eager", len(self.labels), torch.get_num_threads(),
+            self.model.runtime, len(self.labels), torch.get_num_threads(),
         )
 
     @staticmethod
     def _set_threads(model_yaml_config: dict):
         """One worker per model by default: give it the cores, never more (no oversubscription)."""
         options = model_yaml_config.get("handler") or {}
+        # The backbone's runtime (handlers/runtime.py) takes the same thread count.
         torch.set_num_threads(worker_threads(int(model_yaml_config.get("minWorkers") or 1),
                                              int(options.get("torch_threads") or 0)))
         try:
@@ -83,10 +90,12 @@ class RecognitionHandler(BaseHandler):
             pass
 
     def _warm_up(self):
-        # The first forward allocates and picks kernels; do it now, not in a user's request.
+        # The first forward of each shape allocates and picks kernels (the graph runtimes prepare each
+        # new batch shape): do it now for one image and a full batch, not in a user's request.
         size = self.preprocessor.preprocessing.crop_size
         with torch.inference_mode():
-            self.model(torch.zeros(1, 3, size, size))
+            for batch in sorted({1, int(self.model_yaml_config.get("batchSize") or 1)}):
+                self.model(torch.zeros(batch, 3, size, size))
         self._batch_done()
 
     def _batch_done(self):

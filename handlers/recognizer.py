@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from handlers.backbones import Backbone, FeatureClassifier, get_backbone
-from handlers.compiled import CompiledFeatures, load_compiled_features
 from handlers.constants import PRECISIONS
 from handlers.heads import FeatureHead, build_head
-from handlers.layout import HEAD_FILE, WEIGHTS_FILE, ArchiveContents
+from handlers.layout import CLASSIFIER_FILE, FEATURES_DATA_FILE, HEAD_FILE, ArchiveContents, file_sha256
+from handlers.runtime import PortableFeatures, choose_precision, default_engine, load_portable_features, read_weights
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +30,22 @@ class Recognizer(nn.Module):
 
     def __init__(self, network: FeatureClassifier, head: FeatureHead | None = None, precision: str = "fp32"):
         super().__init__()
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+        if precision not in PRECISIONS or precision == "auto":
+            raise ValueError(f"unknown precision {precision!r}; choose from fp32, bf16")
         self.network = network.eval()
         self.head = head.eval() if head is not None else None
         self.precision = precision
-        self.compiled = isinstance(self.network.body, CompiledFeatures)
+        body = self.network.body
+        # Which runtime computes the features: "openvino", "onnxruntime" or "eager" (torch).
+        self.runtime = body.engine if isinstance(body, PortableFeatures) else "eager"
         # oneDNN's convolutions run faster on NHWC activations, in fp32 as in bf16 (same fp32 math:
         # resnet18 batch 8 measured 13.1 -> 8.2 ms/image here, outputs within 3e-6).
         self.network = self.network.to(memory_format=torch.channels_last)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, D) float32 backbone features."""
+        if self.runtime != "eager":  # the engine runs the precision it was loaded with
+            return self.network.features(images)
         images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             return self.network.features(images).float()
@@ -78,30 +82,63 @@ class LoadedModel:
     backbone: Backbone
 
 
-def load_recognizer(model_dir: str | Path, precision: str | None = None, compile: bool = True) -> LoadedModel:
+def load_eager_body(model_dir: str | Path, backbone: Backbone) -> nn.Module:
+    """The torch feature body of an unpacked archive, its weights read from the graph's raw weights file."""
+    body, _ = backbone.split(backbone.build_network())
+    missing, unexpected = body.load_state_dict(read_weights(model_dir), strict=False)
+    missing = [key for key in missing if not key.endswith("num_batches_tracked")]  # a training counter
+    if missing or unexpected:
+        raise ValueError(f"{FEATURES_DATA_FILE} does not fit {backbone.name}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return body.eval()
+
+
+def load_classifier(model_dir: str | Path, info: dict, backbone: Backbone) -> nn.Module:
+    """The ImageNet classifier of an ImageNet archive; a head archive ships none (its head classifies)."""
+    if info.get("head"):
+        return nn.Identity()
+    classifier = nn.Linear(backbone.feature_dim, info["num_classes"])
+    classifier.load_state_dict(torch.load(Path(model_dir) / CLASSIFIER_FILE, map_location="cpu", weights_only=True))
+    return classifier
+
+
+def load_recognizer(model_dir: str | Path, precision: str | None = None, engine: str | None = None) -> LoadedModel:
     """Load an unpacked archive (or a staging directory with the same files).
 
-    ``precision`` overrides the archive's own setting (benchmarks compare fp32 with bf16).
-    ``compile``: use the archive's compiled backbone where it was built for this machine and torch
-    (handlers/compiled.py); False, or any other precision, runs the eager backbone.
+    ``engine``: "onnxruntime", "openvino" or "eager" (default ``$IMAGEREC_BACKBONE_RUNTIME``, else
+    the one handlers/runtime.py picks for the precision). A missing or damaged graph runs eager, with
+    a warning.
+    ``precision``: None chooses for this machine (the archive's policy, its accuracy guard, this
+    CPU: handlers/runtime.py); "fp32" or "bf16" force one (benchmarks, tests).
     """
     model_dir = Path(model_dir)
     contents = ArchiveContents(model_dir)
     info = contents.info()
     backbone = get_backbone(info["backbone"])
-    network = backbone.load(model_dir / WEIGHTS_FILE)
+    record = info.get("features") or {}
+    if record.get("data_sha256") and file_sha256(model_dir / FEATURES_DATA_FILE) != record["data_sha256"]:
+        # The weights themselves are damaged: no runtime can answer right, so refuse to load.
+        raise ValueError(f"{model_dir}: {FEATURES_DATA_FILE} is damaged (sha256 differs from the manifest)")
+    chosen, why = choose_precision(info, precision)
+    engine = engine or default_engine(chosen)
+    if engine != "openvino" and chosen == "bf16" and precision is None:
+        chosen, why = "fp32", f"{why}; but {engine} has no bf16 CPU path"
+    if precision is None:
+        logger.info("backbone precision %s: %s", chosen, why)
+    body = None
+    if engine != "eager":
+        body = load_portable_features(model_dir, record, engine, chosen, torch.get_num_threads())
+    if body is None:
+        body = load_eager_body(model_dir, backbone)
+        if engine != "eager" and precision is None:
+            chosen = "fp32"  # eager bf16 is autocast: slower than fp32 on CPUs without AMX
+    network = FeatureClassifier(body, load_classifier(model_dir, info, backbone)).eval()
     head = None
     if info.get("head"):
         head = build_head(info["head"]["type"], backbone.feature_dim, info["head"]["num_classes"])
         head.load_state_dict(torch.load(model_dir / HEAD_FILE, map_location="cpu", weights_only=True))
     labels = contents.labels()
-    precision = precision or info.get("precision", "fp32")
-    compiled = info.get("compiled")
-    if compiled and precision == "fp32" and compile:
-        body = load_compiled_features(model_dir, compiled)
-        if body is not None:
-            network.body = body  # the eager body's weights are freed
-    recognizer = Recognizer(network, head, precision)
+    recognizer = Recognizer(network, head, chosen)
     for parameter in recognizer.parameters():
         parameter.requires_grad_(False)
     return LoadedModel(recognizer, labels, info, backbone)

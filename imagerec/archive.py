@@ -1,8 +1,10 @@
 """Writing model archives (.mar), with the file names of ``handlers.layout``.
 
-An archive is self-contained: backbone weights, optional head, class names, ``model_info.json``
-(our manifest), TorchServe's ``model-config.yaml``, the runtime-only ``handlers`` package and the
-handler. ``handlers.recognizer.load_recognizer`` reads the same files back.
+An archive is self-contained: the backbone's feature body as a portable ONNX graph whose raw weights
+file is also the eager fallback's (imagerec/export.py), the ImageNet classifier or a few-shot head,
+class names, ``model_info.json`` (our manifest, with the accuracy guard's precision verdicts),
+TorchServe's ``model-config.yaml``, the runtime-only ``handlers`` package and the handler.
+``handlers.recognizer.load_recognizer`` reads the same files back.
 """
 
 from __future__ import annotations
@@ -25,17 +27,19 @@ from handlers.backbones import get_backbone
 from handlers.constants import PRECISIONS
 from handlers.layout import (
     CHECK_IMAGES_DIR,
+    CLASSIFIER_FILE,
+    FEATURES_DATA_FILE,
     HANDLER_PACKAGE,
     HEAD_FILE,
     LABELS_FILE,
     MODEL_CONFIG_FILE,
     MODEL_INFO_FILE,
-    WEIGHTS_FILE,
     check_image_member,
+    file_sha256,
 )
 from handlers.machine import worker_threads
-from imagerec.compile_backbone import compile_in_environment
-from imagerec.files import atomic_copy, file_sha256
+from imagerec.export import export_features
+from imagerec.files import atomic_copy
 from imagerec.naming import archive_file_name, validate_name, validate_version
 
 logger = logging.getLogger(__name__)
@@ -49,7 +53,7 @@ class BatchingConfig:
 
     batch_size: int = 8
     # 1 ms, not 5: a lone request waits the whole delay for company that never comes (resnet18, one
-    # client: p50 24 ms at 5 ms, 17.5 ms at 1 ms, same 16-client throughput; scripts/bench_serving.py).
+    # client: p50 24 ms at 5 ms, 17.5 ms at 1 ms, same 16-client throughput; benchmarks/bench_serving.py).
     # 0 is worse still: TorchServe 0.12 then answers a lone request after about 100 ms.
     max_batch_delay_ms: int = 1
     workers: int = 1
@@ -80,12 +84,13 @@ def build_archive(
     weights_path: str | Path,
     labels: list[str],
     out_dir: str | Path,
-    precision: str = "fp32",
+    precision: str = "auto",
     head=None,
     info: dict | None = None,
     check_images: list[tuple[Path, str]] | None = None,
     batching: BatchingConfig | None = None,
-    compile_with: str | Path | None = None,
+    precision_guard: dict | None = None,
+    export_cache: str | Path | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``out_dir/<name>_v<version>.mar`` and return its path.
@@ -93,30 +98,28 @@ def build_archive(
     head: a fitted ``FeatureHead`` or None for the backbone's ImageNet classifier.
     info: extra manifest entries (training arguments, data fingerprint, metrics...).
     check_images: (image path, expected label) pairs packed for deployment checks.
-    compile_with: the serving environment's Python, to compile the backbone with AOTInductor
-        (imagerec/compile_backbone.py); None keeps it eager. fp32 only.
+    precision: the worker's precision policy (handlers/runtime.py ``choose_precision``).
+    precision_guard: the accuracy guard's verdicts ({"bf16": {"allowed": ..., "reason": ...}},
+        imagerec/precision_guard.py); without one, reduced precision stays off.
+    export_cache: where exported ONNX graphs are cached (default imagerec/export.py's).
     """
     validate_name(name)
     validate_version(version)
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    if compile_with is not None and precision != "fp32":
-        raise ValueError(f"compiling supports fp32 only, not {precision}; build {precision} without compiling")
     backbone = get_backbone(backbone_name)
     target = Path(out_dir) / archive_file_name(name, version)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; choose another --version or remove it")
     batching = batching or BatchingConfig()
-    manifest = base_manifest(name, version, backbone.name, weights_path, precision, labels, head, info)
+    manifest = base_manifest(name, version, backbone.name, weights_path, precision, precision_guard, labels, head, info)
     with tempfile.TemporaryDirectory(prefix="mar-stage-") as tmp:
         stage = Path(tmp)
         extra = stage / "extra"  # everything here lands at the archive root
         extra.mkdir()
-        shutil.copyfile(weights_path, stage / WEIGHTS_FILE)
-        write_model_files(extra, labels, head)
-        if compile_with is not None:
-            manifest["compiled"] = compile_in_environment(compile_with, backbone.name, Path(weights_path),
-                                                          batching.batch_size, batching.threads, extra)
+        manifest["features"] = export_features(backbone.name, Path(weights_path), extra, export_cache)
+        shutil.move(extra / FEATURES_DATA_FILE, stage / FEATURES_DATA_FILE)  # the serializedFile
+        write_model_files(extra, labels, head, backbone, weights_path)
         if check_images:
             manifest["check_images"] = write_check_images(extra, check_images)
         (extra / MODEL_INFO_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -129,8 +132,8 @@ def build_archive(
 
 
 def base_manifest(name: str, version: str, backbone_name: str, weights_path: str | Path, precision: str,
-                  labels: list[str], head, info: dict | None) -> dict:
-    """model_info.json before the build adds what it produced (compiled packages, check images)."""
+                  precision_guard: dict | None, labels: list[str], head, info: dict | None) -> dict:
+    """model_info.json before the build adds what it produced (the exported graph, check images)."""
     return {
         "name": name,
         "version": version,
@@ -138,6 +141,7 @@ def base_manifest(name: str, version: str, backbone_name: str, weights_path: str
         "backbone": backbone_name,
         "weights_sha256": file_sha256(weights_path),
         "precision": precision,
+        "precision_guard": precision_guard or {},
         "num_classes": len(labels),
         # A head's classes are part of its identity; the 1000 ImageNet names stay in LABELS_FILE only.
         "classes": list(labels) if head is not None else None,
@@ -146,11 +150,14 @@ def base_manifest(name: str, version: str, backbone_name: str, weights_path: str
     }
 
 
-def write_model_files(folder: Path, labels: list[str], head) -> None:
-    """The class names and, for a head archive, the head's state_dict."""
+def write_model_files(folder: Path, labels: list[str], head, backbone, weights_path: str | Path) -> None:
+    """The class names, and the head's state_dict or (ImageNet archives) the backbone's classifier:
+    the body's weights are already in the graph's raw file."""
     (folder / LABELS_FILE).write_text(json.dumps({str(i): label for i, label in enumerate(labels)}, indent=1))
     if head is not None:
         torch.save(head.state_dict(), folder / HEAD_FILE)
+    else:
+        torch.save(backbone.load(weights_path).classifier.state_dict(), folder / CLASSIFIER_FILE)
 
 
 def write_check_images(folder: Path, check_images: list[tuple[Path, str]]) -> list[dict]:
@@ -175,7 +182,7 @@ def _run_model_archiver(name: str, version: str, stage: Path) -> None:
         sys.executable, "-m", "model_archiver.model_packaging",
         "--model-name", name,
         "--version", version,
-        "--serialized-file", str(stage / WEIGHTS_FILE),
+        "--serialized-file", str(stage / FEATURES_DATA_FILE),
         "--handler", str(HANDLER_FILE),
         "--extra-files", str(stage / "extra"),
         "--config-file", str(stage / MODEL_CONFIG_FILE),

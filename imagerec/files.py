@@ -1,8 +1,7 @@
-"""Files written safely and hashed: the one implementation of each, for archives, caches and stores."""
+"""Files written safely: the one implementation, for archives, caches and the model store."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -36,10 +35,10 @@ def atomic_copy(source: str | Path, target: str | Path) -> Path:
     return atomic_write(target, lambda partial: shutil.copyfile(source, partial))
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file (weights_sha256 in the manifests, feature cache keys)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def link_or_copy(source: str | Path, target: str | Path) -> None:
+    """A hard link where the file system allows it (no copy of a photo set), else a copy. Never a
+    symbolic link: data folders skip links that lead outside them (training/data.py)."""
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed here
+        shutil.copyfile(source, target)

@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imagerec.files import file_sha256
+from handlers.layout import file_sha256
 from imagerec.naming import validate_name, validate_version
 # The management client and lifecycle operations; they move to imagerec/ with the restructure (issue 10).
 from imagerec.management import DEFAULT_MIN_ACCURACY, Client, ManageError, deploy, inspect_archive, run_check

@@ -7,35 +7,27 @@ from pathlib import Path
 
 from handlers.constants import PRECISIONS
 from imagerec.archive import BatchingConfig
-from imagerec.compile_backbone import COMPILE_MODES
-from imagerec.torchserve import serving_python
+from imagerec.export import default_cache_dir as default_export_cache
+from imagerec.precision_guard import DEFAULT_TOLERANCE
 
 
 def add_batching_arguments(parser: argparse.ArgumentParser) -> None:
     """Serving options shared by every command that writes an archive."""
     group = parser.add_argument_group("serving")
-    group.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                       help="backbone precision inside the worker (bf16: autocast, channels-last)")
-    group.add_argument("--compile", choices=COMPILE_MODES, default=None,
-                       help="aoti: compile the backbone with AOTInductor in the serving environment (same fp32 "
-                            "math, faster; once per backbone and machine, then cached); none: eager. "
-                            "Default: aoti for fp32, none otherwise")
+    group.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="backbone precision policy of the worker: auto (bf16 where the accuracy guard "
+                            "allowed it and the serving CPU runs it natively, else fp32) or fp32 (never reduced)")
+    group.add_argument("--guard-tolerance", type=float, default=DEFAULT_TOLERANCE,
+                       help="accuracy guard: largest accuracy drop (fraction, 0.01 = 1 point) a reduced "
+                            "precision may cost against fp32 to be allowed")
+    group.add_argument("--export-cache", type=Path, default=default_export_cache(),
+                       help="cache of exported ONNX graphs (default $IMAGEREC_ONNX_CACHE or ~/.cache/imagerec/onnx)")
     group.add_argument("--batch-size", type=int, default=BatchingConfig.batch_size, help="TorchServe dynamic batch size")
     group.add_argument("--max-batch-delay", type=int, default=BatchingConfig.max_batch_delay_ms,
                        help="ms TorchServe waits to fill a batch")
     group.add_argument("--workers", type=int, default=1, help="workers per model version")
     group.add_argument("--torch-threads", type=int, default=0,
                        help="torch threads per worker (0: machine cores divided by workers)")
-
-
-def compile_with_from_args(args: argparse.Namespace) -> Path | None:
-    """The serving environment's Python when the archive's backbone is to be compiled, else None."""
-    mode = args.compile or ("aoti" if args.precision == "fp32" else "none")
-    if mode == "none":
-        return None
-    if args.precision != "fp32":
-        raise ValueError(f"--compile aoti supports --precision fp32 only, not {args.precision}")
-    return serving_python()
 
 
 def batching_from_args(args: argparse.Namespace) -> BatchingConfig:

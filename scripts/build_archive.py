@@ -14,10 +14,13 @@ from pathlib import Path
 from handlers.backbones import WeightsNotFoundError, backbone_names, get_backbone, imagenet_categories
 from imagerec.archive import build_archive
 from imagerec.cli import EXIT_BAD_ARGUMENTS, EXIT_FAILED, EXIT_NO_WEIGHTS, run_cli
+from imagerec.export import exported_graph_dir
 from imagerec.naming import validate_name, validate_version
-from imagerec.options import add_batching_arguments, batching_from_args, compile_with_from_args
+from imagerec.options import add_batching_arguments, batching_from_args
+from imagerec.precision_guard import guard_imagenet, not_judged
 
 logger = logging.getLogger("build_archive")
+
 
 
 
@@ -30,6 +33,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", type=Path, default=None,
                         help="state_dict file (default: $<BACKBONE>_WEIGHTS, then the backbone's own source)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing archive of that version")
+    parser.add_argument("--guard-photos", type=Path, default=None,
+                        help="labelled ImageNet photos for the accuracy guard (a folder with labels.tsv: file, "
+                             "class index, synset), e.g. ../shared/datasets/imagenet-sample500; without it "
+                             "reduced precision stays off")
     add_batching_arguments(parser)
     return parser
 
@@ -40,6 +47,17 @@ def main(args: argparse.Namespace) -> Path:
     validate_version(args.version)
     weights = backbone.resolve_weights(args.weights)
     logger.info("building %s v%s from %s (%s)", name, args.version, weights, args.precision)
+    batching = batching_from_args(args)
+    if args.guard_photos is not None and not (args.guard_photos / "labels.tsv").is_file():
+        raise ValueError(f"--guard-photos {args.guard_photos}: no labels.tsv there")
+    guard = {}
+    if args.precision != "fp32":
+        if args.guard_photos is None:
+            guard = {"bf16": not_judged("no labelled photos given (--guard-photos)")}
+        else:
+            graph_dir = exported_graph_dir(backbone.name, weights, args.export_cache)
+            guard = guard_imagenet(graph_dir, backbone.name, backbone.load(weights).classifier, args.guard_photos,
+                                   args.guard_tolerance)
     return build_archive(
         name=name,
         version=args.version,
@@ -48,8 +66,9 @@ def main(args: argparse.Namespace) -> Path:
         labels=imagenet_categories(),
         out_dir=args.out,
         precision=args.precision,
-        batching=batching_from_args(args),
-        compile_with=compile_with_from_args(args),
+        batching=batching,
+        precision_guard=guard,
+        export_cache=args.export_cache,
         overwrite=args.force,
     )
 
@@ -58,7 +77,7 @@ ERRORS = {
     WeightsNotFoundError: EXIT_NO_WEIGHTS,  # before RuntimeError: it is one
     ValueError: EXIT_BAD_ARGUMENTS,
     FileExistsError: EXIT_BAD_ARGUMENTS,
-    RuntimeError: EXIT_FAILED,  # compiling or torch-model-archiver failed
+    RuntimeError: EXIT_FAILED,  # exporting or torch-model-archiver failed
 }
 
 if __name__ == "__main__":

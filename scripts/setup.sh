@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything the service and its tests need, idempotently:
-#   Java 17+ (TorchServe's frontend) and g++ (AOTInductor); .venv (training, tests, benchmarks)
+#   Java 17+ (TorchServe's frontend); .venv (training, tests, benchmarks)
 #   and .venv-serve (the TorchServe runtime), each with its pinned packages.
 # Re-running is cheap: packages are reinstalled only when a requirements file changed.
 set -euo pipefail
@@ -22,8 +22,6 @@ apt_install() {
 missing=()
 # TorchServe's frontend.
 [ "$(java_major)" -ge 17 ] || missing+=(openjdk-17-jre-headless)
-# AOTInductor compiles each archive's backbone with it (handlers/compile_backbone.py).
-command -v g++ >/dev/null 2>&1 || missing+=(g++)
 # The page's tests (tests/test_web.py) drive a real headless Chromium: Debian's, as Playwright's own
 # browser download may be unreachable.
 [ -x /usr/bin/chromium ] || missing+=(chromium)
@@ -33,7 +31,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   apt_install "${missing[@]}"
 fi
-log "java $(java_major), $(g++ --version | head -n1)"
+log "java $(java_major)"
 
 PYTHON="${PYTHON:-python3}"
 

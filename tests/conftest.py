@@ -15,10 +15,10 @@ import torch
 
 from handlers.backbones import get_backbone, imagenet_categories
 from imagerec.archive import build_archive
-from imagerec.compile_backbone import CACHE_DIR_VAR
+from imagerec.export import CACHE_DIR_VAR
 from imagerec.paths import DATASETS_DIR as DATASETS
 from imagerec.paths import SAMPLES_DIR as SAMPLES
-from imagerec.torchserve import TorchServe, install_archive, serving_python
+from imagerec.torchserve import TorchServe, install_archive
 
 logging.getLogger("PIL").setLevel(logging.INFO)
 UNIT_DIR = Path(__file__).resolve().parent / "unit"
@@ -32,9 +32,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def compile_cache(tmp_path_factory) -> Path:
-    """Compiled backbones go to a cache of this session (and of its subprocesses), never the user's."""
-    path = tmp_path_factory.mktemp("compile-cache")
+def export_cache(tmp_path_factory) -> Path:
+    """Exported backbone graphs go to a cache of this session (and of its subprocesses), never the user's."""
+    path = tmp_path_factory.mktemp("onnx-cache")
     os.environ[CACHE_DIR_VAR] = str(path)
     return path
 
@@ -59,13 +59,12 @@ def archive_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def efficientnet_archive(archive_dir) -> Path:
-    """The genuinely ImageNet-pretrained backbone, as served by default: real features, sensible
-    labels, backbone compiled for the serving environment."""
+    """The genuinely ImageNet-pretrained backbone, as built by default: real features, sensible
+    labels, the portable graph. No accuracy guard ran, so it serves fp32 everywhere."""
     backbone = get_backbone("efficientnet_lite0")
     return build_archive(
         name="efficientnet_lite0", version="1.0", backbone_name=backbone.name,
         weights_path=backbone.resolve_weights(), labels=imagenet_categories(), out_dir=archive_dir,
-        compile_with=serving_python(),
     )
 
 
@@ -86,7 +85,7 @@ def resnet18_weights(tmp_path_factory) -> Path:
 def resnet18_archive(archive_dir, resnet18_weights) -> Path:
     return build_archive(
         name="resnet18", version="1.0", backbone_name="resnet18", weights_path=resnet18_weights,
-        labels=imagenet_categories(), out_dir=archive_dir, compile_with=serving_python(),
+        labels=imagenet_categories(), out_dir=archive_dir,
     )
 
 

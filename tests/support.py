@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
+from imagerec.files import link_or_copy
 from imagerec.paths import PROJECT_ROOT
 
 BUILD = [sys.executable, str(PROJECT_ROOT / "scripts" / "build_archive.py")]
@@ -33,10 +31,3 @@ def make_subset(datasets_dir, root, classes=("ants", "bees"), train=8, val=4, la
             for photo in photos:
                 link_or_copy(photo, folder / photo.name)
     return root
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:  # another file system, or links not allowed: a copy in the test's temporary folder
-        shutil.copyfile(source, target)

@@ -7,7 +7,7 @@ import yaml
 
 from handlers.backbones import WeightsNotFoundError, backbone_names, get_backbone
 from handlers.layout import read_archive_info
-from imagerec.files import file_sha256
+from handlers.layout import file_sha256
 
 from tests.support import run_build
 
@@ -74,8 +74,7 @@ def test_a_hub_cache_file_is_found(monkeypatch, tmp_path, resnet18_weights):
 
 def test_cli_writes_a_self_contained_archive(resnet18_weights, tmp_path):
     result = run_build("--backbone", "resnet18", "--weights", str(resnet18_weights), "--version", "2.1",
-                       "--name", "imagenet", "--out", str(tmp_path), "--batch-size", "4", "--max-batch-delay", "3",
-                       "--compile", "none")
+                       "--name", "imagenet", "--out", str(tmp_path), "--batch-size", "4", "--max-batch-delay", "3")
     assert result.returncode == 0, result.stderr
     archive = tmp_path / "imagenet_v2.1.mar"
     assert result.stdout.strip() == str(archive)
@@ -83,14 +82,18 @@ def test_cli_writes_a_self_contained_archive(resnet18_weights, tmp_path):
         names = set(zf.namelist())
         config = yaml.safe_load(zf.read("model-config.yaml"))
         manifest = zf.read("MAR-INF/MANIFEST.json").decode()
-    assert {"weights.pt", "index_to_name.json", "recognition_handler.py", "handlers/backbones.py"} <= names
-    # An archive ships the runtime only: no archive writer, compiler or management code.
+    assert {"features.onnx", "features.onnx.data", "features.index.json", "classifier.pt", "index_to_name.json",
+            "recognition_handler.py", "handlers/backbones.py", "handlers/runtime.py"} <= names
+    assert "weights.pt" not in names  # the body's weights travel once, in the graph's raw file
+    # An archive ships the runtime only: no archive writer, exporter or management code.
     assert not any(name.startswith(("imagerec/", "training/", "scripts/")) for name in names)
     assert config["batchSize"] == 4 and config["maxBatchDelay"] == 3
     assert '"modelVersion": "2.1"' in manifest and '"modelName": "imagenet"' in manifest
     info = read_archive_info(archive)
     assert info["backbone"] == "resnet18" and info["weights_sha256"] == file_sha256(resnet18_weights)
-    assert info["num_classes"] == 1000 and info["precision"] == "fp32"
+    assert info["num_classes"] == 1000 and info["precision"] == "auto"
+    # No labelled photos were given: reduced precision was not judged, so it stays off.
+    assert info["precision_guard"]["bf16"]["allowed"] is False and "not judged" in info["precision_guard"]["bf16"]["reason"]
 
 
 def test_cli_refuses_to_overwrite_and_rejects_bad_names(resnet18_weights, tmp_path):

@@ -102,7 +102,7 @@ def test_truncated_or_corrupt_archive_is_refused_and_serving_is_untouched(server
     corrupt = tmp_path / "corrupt" / "bees_vs_ants_v2.mar"
     corrupt.parent.mkdir()
     flipped = bytearray(data)
-    for offset in range(len(data) // 3, len(data) // 3 + 64):  # inside weights.pt, the first member
+    for offset in range(len(data) // 3, len(data) // 3 + 64):  # inside the backbone weights, the first member
         flipped[offset] ^= 0xFF
     corrupt.write_bytes(bytes(flipped))
     for archive, reason in ((truncated, "truncated or corrupt"), (corrupt, "fails its checksum")):

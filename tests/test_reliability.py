@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 
@@ -25,7 +24,6 @@ import requests
 from handlers.backbones import get_backbone, imagenet_categories
 from handlers.constants import MAX_ASPECT_RATIO
 from handlers.imaging import ImageError, ImagePreprocessor, decode_image
-from handlers.layout import extract_archive
 from imagerec.archive import build_archive
 from imagerec.paths import PROJECT_ROOT
 from imagerec.torchserve import (
@@ -36,7 +34,6 @@ from imagerec.torchserve import (
     latest_snapshot,
     read_keys,
     read_properties,
-    serving_python,
     write_properties,
 )
 from tests import images
@@ -271,26 +268,3 @@ def test_a_port_in_use_is_named_before_torchserve_starts(tmp_path):
                             ports=(free_port(), port, free_port()))
         with pytest.raises(RuntimeError, match=re.escape(f"127.0.0.1:{port} (management_address)")):
             server.start(timeout=60)
-
-
-def test_a_killed_worker_leaves_no_unpacked_compiled_backbone_behind(efficientnet_archive, tmp_path):
-    """AOTInductor's loader unpacks each package into $TMPDIR (~16 MB each) and removes it only when the
-    runner is destroyed, which a killed worker never does: os._exit stands for the kill."""
-    unpacked = extract_archive(efficientnet_archive, tmp_path / "unpacked")
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    code = textwrap.dedent(f"""
-        import json, os, torch
-        from handlers.compiled import load_compiled_features
-        record = json.load(open({str(unpacked / "model_info.json")!r}))["compiled"]
-        torch.set_num_threads(record["threads"])
-        features = load_compiled_features({str(unpacked)!r}, record)
-        assert features is not None, "compiled backbone not loaded"
-        print(tuple(features(torch.rand(2, 3, 224, 224)).shape), flush=True)
-        os._exit(0)
-    """)
-    result = subprocess.run([str(serving_python()), "-c", code], capture_output=True, text=True, timeout=300,
-                            cwd=PROJECT_ROOT, env={**os.environ, "TMPDIR": str(temp)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "(2, 1280)"
-    assert list(temp.iterdir()) == []

@@ -116,7 +116,8 @@ def test_train_head_writes_archive_report_and_reuses_cache(datasets_dir, tmp_pat
     assert [c["label"] for c in info["check_images"]] == ["ants", "ants", "bees", "bees"]
     with zipfile.ZipFile(archive) as zf:
         names = set(zf.namelist())
-    assert {"head.pt", "weights.pt", "index_to_name.json", "model_info.json"} <= names
+    assert {"head.pt", "features.onnx", "features.onnx.data", "index_to_name.json", "model_info.json"} <= names
+    assert "weights.pt" not in names and "classifier.pt" not in names  # a head needs neither
     assert {c["file"] for c in info["check_images"]} <= names
 
     report = json.loads((out / "bees_ants_v1.report.json").read_text())

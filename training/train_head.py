@@ -40,7 +40,8 @@ from imagerec.archive import build_archive
 from imagerec.cli import EXIT_BAD_ARGUMENTS, EXIT_FAILED, EXIT_NO_WEIGHTS, LOG_FORMAT, run_command
 from imagerec.management import DEFAULT_KEY_FILE, DEFAULT_MODEL_STORE, register_archive
 from imagerec.naming import archive_file_name, validate_name, validate_version
-from imagerec.options import add_batching_arguments, batching_from_args, compile_with_from_args
+from imagerec.options import add_batching_arguments, batching_from_args
+from imagerec.precision_guard import native_reduced_precisions, not_judged, verdict
 from training.auto_head import Candidate, choose_head
 from training.data import DataError, Dataset, load_dataset, readable_images
 from training.evaluation import (auroc, draw_confusion, evaluate, format_table, fpr_at_keep,
@@ -151,7 +152,6 @@ def check_args(args: argparse.Namespace) -> str:
     if args.unknown is not None and not args.unknown.is_dir():
         raise ValueError(f"--unknown {args.unknown} is not a folder of photos")
     batching_from_args(args)
-    compile_with_from_args(args)
     target = args.out / archive_file_name(name, args.version)
     if target.exists() and not args.force:
         raise FileExistsError(f"{target} exists; choose another --version or pass --force")
@@ -225,6 +225,30 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def precision_guard(args: argparse.Namespace, extractor: FeatureExtractor, dataset: Dataset, head: FeatureHead,
+                    metrics: dict | None) -> dict:
+    """The accuracy guard's verdicts (imagerec/precision_guard.py): the head's validation accuracy on
+    reduced-precision features against fp32, on this machine's native reduced precisions."""
+    if args.precision == "fp32":
+        return {}
+    if metrics is None:
+        return {"bf16": not_judged("no validation images")}
+    verdicts = {"bf16": not_judged("this build machine has no native bf16")}
+    labels = torch.tensor([s.label for s in dataset.val])
+    for precision in native_reduced_precisions():
+        reduced = FeatureExtractor(extractor.backbone.name, extractor.weights_path, cache_dir=extractor.cache_dir,
+                                   batch_size=extractor.batch_size, progress=extractor.progress,
+                                   use_cache=extractor.use_cache, precision=precision, export_cache=args.export_cache)
+        features = reduced.extract([s.path for s in dataset.val], [s.sha256 for s in dataset.val],
+                                   description=f"val features ({precision}, accuracy guard)")
+        with torch.no_grad():
+            accuracy = (head(features).argmax(dim=1) == labels).float().mean().item()
+        verdicts[precision] = verdict(precision, "val_accuracy", metrics["accuracy"], accuracy, len(labels),
+                                      args.guard_tolerance)
+        logger.info("accuracy guard: %s %s", precision, verdicts[precision]["reason"])
+    return verdicts
 
 
 def unknown_features(extractor: FeatureExtractor, folder: Path) -> torch.Tensor:
@@ -332,6 +356,8 @@ def main(args: argparse.Namespace) -> Path:
     progress.stage("evaluate")
     unknown = unknown_features(extractor, args.unknown) if args.unknown else None
     metrics, openset = evaluate_head(head, features, dataset.classes, unknown, fit_summary["rejection"])
+    with timer("guard"):
+        guard = precision_guard(args, extractor, dataset, head, metrics)
     info = archive_record(args, name, dataset, head, fit_summary, metrics)
     progress.stage("archive")
     with timer("archive"):
@@ -339,7 +365,7 @@ def main(args: argparse.Namespace) -> Path:
             name=name, version=args.version, backbone_name=backbone.name, weights_path=weights,
             labels=dataset.classes, out_dir=args.out, precision=args.precision, head=head, info=info,
             check_images=pick_check_images(dataset, args.check_images), batching=batching_from_args(args),
-            compile_with=compile_with_from_args(args), overwrite=args.force,
+            precision_guard=guard, export_cache=args.export_cache, overwrite=args.force,
         )
     with torch.no_grad():
         wrong = wrong_predictions(head(features["val"]).softmax(dim=1), dataset) if metrics is not None else []
@@ -375,7 +401,8 @@ class StageTimer:
 def make_extractor(args: argparse.Namespace, backbone_name: str, weights: Path) -> FeatureExtractor:
     augmentation = Augmentation(min_scale=args.aug_min_scale, jitter=args.aug_jitter, rotation=args.aug_rotation)
     return FeatureExtractor(backbone_name, weights, cache_dir=args.cache_dir, batch_size=args.extract_batch_size,
-                            augmentation=augmentation, progress=not args.no_progress, use_cache=not args.no_cache)
+                            augmentation=augmentation, progress=not args.no_progress, use_cache=not args.no_cache,
+                            export_cache=args.export_cache)
 
 
 def evaluate_head(head: FeatureHead, features: dict, classes: list[str], unknown: torch.Tensor | None,
@@ -444,7 +471,7 @@ ERRORS = {
     DataError: EXIT_BAD_ARGUMENTS,
     ValueError: EXIT_BAD_ARGUMENTS,
     FileExistsError: EXIT_BAD_ARGUMENTS,
-    RuntimeError: EXIT_FAILED,  # compiling or torch-model-archiver failed: the message says why
+    RuntimeError: EXIT_FAILED,  # exporting or torch-model-archiver failed: the message says why
 }
 
 

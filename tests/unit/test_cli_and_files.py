@@ -10,7 +10,8 @@ import pytest
 
 from handlers.layout import MAR_MANIFEST_FILE, MODEL_INFO_FILE, ArchiveContents
 from imagerec.cli import EXIT_BAD_ARGUMENTS, exit_code_for, run_command
-from imagerec.files import atomic_write, file_sha256
+from handlers.layout import file_sha256
+from imagerec.files import atomic_write
 from imagerec.management import EXIT_REFUSED, ManageError, version_key
 from imagerec.naming import archive_file_name, validate_name, validate_version
 from imagerec.torchserve import read_properties, write_properties

@@ -46,12 +46,12 @@ def test_a_torn_feature_cache_file_is_recomputed(tmp_path):
     for seed in range(3):
         paths.append(tmp_path / f"photo{seed}.jpg")
         paths[-1].write_bytes(images.encode(synthetic(seed=seed), "JPEG", quality=90))
-    extractor = FeatureExtractor("efficientnet_lite0", cache_dir=tmp_path / "cache", progress=False)
+    extractor = FeatureExtractor("efficientnet_lite0", cache_dir=tmp_path / "cache", progress=False, engine="eager")
     clean = extractor.extract(paths)
     cached = sorted((tmp_path / "cache").rglob("*.pt"))
     assert len(cached) == 3
     cached[0].write_bytes(cached[0].read_bytes()[:100])  # torn
-    again = FeatureExtractor("efficientnet_lite0", cache_dir=tmp_path / "cache", progress=False)
+    again = FeatureExtractor("efficientnet_lite0", cache_dir=tmp_path / "cache", progress=False, engine="eager")
     features = again.extract(paths)
     assert (again.stats.cached, again.stats.extracted) == (2, 1)
     assert torch.allclose(features, clean, atol=1e-5)
