@@ -101,7 +101,7 @@ class RecognitionHandler(BaseHandler):
 
     def preprocess(self, data):
         batch = Batch(size=len(data))
-        results = self._map_rows(self._prepare, data)
+        results = self._map_rows(self._prepare, list(enumerate(data)))
         tensors = []
         for index, result in enumerate(results):
             if isinstance(result, ImageError):
@@ -115,8 +115,13 @@ class RecognitionHandler(BaseHandler):
             batch.images = self.preprocessor.normalise(torch.stack(tensors))
         return batch
 
-    def _prepare(self, row) -> torch.Tensor | ImageError:
-        """One request -> uint8 image tensor, or its ImageError (never raised: it answers only that request)."""
+    def _prepare(self, item) -> torch.Tensor | ImageError:
+        """One (index, request) -> uint8 image tensor, or its ImageError (never raised: it answers only that request)."""
+        index, row = item
+        # The frontend marks requests to /explanations/NAME with this header.
+        if self.context.get_request_header(index, "explain") == "True":
+            return ImageError("this model has no explanations; send the image to /predictions/NAME for its Top-3",
+                              status=HTTPStatus.NOT_IMPLEMENTED)
         try:
             return self.preprocessor.geometry(request_bytes(row))
         except ImageError as error:
@@ -132,6 +137,12 @@ class RecognitionHandler(BaseHandler):
             with torch.inference_mode():
                 batch.probabilities = self.model(batch.images).softmax(dim=1)
         return batch
+
+    def explain_handle(self, data_preprocess, raw_data):
+        """TorchServe calls this instead of inference + postprocess when the batch's first request came
+        to /explanations. This model has no explanations: preprocess already refused every
+        explanation request of the batch (501); the predictions in it are answered as usual."""
+        return self.postprocess(self.inference(data_preprocess))
 
     def postprocess(self, batch):
         responses = [None] * batch.size

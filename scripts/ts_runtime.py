@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIG = PROJECT_ROOT / "config.properties"
 KEY_FILE_NAME = "key_file.json"
+FRONT_SCRIPT = PROJECT_ROOT / "scripts" / "front.py"
 DEFAULT_TIMEOUT_S = 30.0
 # TorchServe runs from its own environment, which scripts/setup.sh builds: its launcher hands its own
 # interpreter to the frontend for the workers, and workers use the CPU build of torch
@@ -120,6 +122,8 @@ class TorchServe:
     ``overrides``: properties replacing the shipped ones (e.g. a test's job_queue_size).
     ``ports``: (inference, management, metrics); None picks free loopback ports (tests), while
     ``shipped_ports()`` keeps the addresses of config.properties (the real server).
+    ``front``: put the admission front (imagerec/front.py, scripts/front.py) on the inference address
+    and TorchServe's inference API on a private loopback port behind it (``upstream_url``).
     """
 
     def __init__(
@@ -130,6 +134,7 @@ class TorchServe:
         overrides: dict[str, str] | None = None,
         ports: tuple[int, int, int] | None = None,
         env: dict[str, str] | None = None,
+        front: bool = False,
     ):
         self.model_store = Path(model_store).resolve()
         self.workdir = Path(workdir).resolve()
@@ -149,8 +154,14 @@ class TorchServe:
         if models:
             self.properties["load_models"] = models
         self.properties.update(overrides or {})
+        self.upstream_url = self.inference_url
+        if front:  # clients keep the inference address; TorchServe moves behind the front
+            self.upstream_url = f"http://127.0.0.1:{free_port()}"
+            self.properties["inference_address"] = self.upstream_url
+        self.front = front
         self.extra_env = env or {}
         self.process: subprocess.Popen | None = None
+        self.front_process: subprocess.Popen | None = None
 
     @property
     def config_path(self) -> Path:
@@ -209,6 +220,12 @@ class TorchServe:
             command, cwd=self.workdir, env=env, stdout=self._console, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        if self.front:
+            self.front_process = subprocess.Popen(
+                [sys.executable, str(FRONT_SCRIPT), "--listen", self.inference_url.removeprefix("http://"),
+                 "--upstream", self.upstream_url, "--max-body", properties["max_request_size"]],
+                cwd=self.workdir, stdout=self._console, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         try:
             self.wait_ready(timeout)
             if snapshot is not None:
@@ -240,8 +257,11 @@ class TorchServe:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"TorchServe exited with {self.process.returncode}; see {self.log_dir}")
+            if self.front_process is not None and self.front_process.poll() is not None:
+                raise RuntimeError(f"the admission front exited with {self.front_process.returncode}; "
+                                   f"see {self.log_dir / 'console.log'}")
             try:
-                if self.key_file.exists() and self._models_ready():
+                if self.key_file.exists() and self._models_ready() and self._front_ready():
                     return
             except (requests.RequestException, ValueError, KeyError):
                 pass  # not answering yet, or key_file.json still being written
@@ -257,6 +277,14 @@ class TorchServe:
                 if not any(w.get("status") == "READY" for w in version.get("workers", [])):
                     return False
         return True
+
+    def _front_ready(self) -> bool:
+        if self.front_process is None:
+            return True
+        try:  # any HTTP answer means it listens and reaches TorchServe (401/400 without a key is fine)
+            return requests.get(self.inference_url + "/ping", timeout=DEFAULT_TIMEOUT_S).status_code != 503
+        except requests.ConnectionError:
+            return False
 
     @property
     def keys(self) -> dict[str, str]:
@@ -280,6 +308,7 @@ class TorchServe:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the frontend and all workers, and wait until every one of them has exited."""
+        self._stop_front(timeout)
         if self.process is None:
             return
         group = self.process.pid
@@ -295,6 +324,18 @@ class TorchServe:
         finally:
             self.process = None
             self._console.close()
+
+    def _stop_front(self, timeout: float) -> None:
+        """The front goes first: no new request reaches a stopping TorchServe through it."""
+        if self.front_process is None:
+            return
+        self.front_process.terminate()
+        try:
+            self.front_process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.front_process.kill()
+            self.front_process.wait(timeout)
+        self.front_process = None
 
     def __enter__(self) -> "TorchServe":
         return self.start() if self.process is None else self
