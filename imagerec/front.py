@@ -69,10 +69,12 @@ def _duplicate_parts(names: list[str]) -> list[str]:
 class FrontLimits:
     """What the front admits. Defaults: measured in docs/bench/uploads.md."""
 
-    # Request bytes admitted and not yet answered, in all. 6 documented-maximum photos (21 MiB
-    # max_request_size each) plus the small reserve: TorchServe's frontend then peaked at about
-    # the figure in docs/bench/uploads.md with 16-64 concurrent uploads.
-    inflight_bytes: int = 6 * 21 * MIB + 8 * MIB
+    # Request bytes admitted and not yet answered, in all: 4 documented-maximum photos (21 MiB,
+    # max_request_size, each) plus the small reserve. TorchServe's frontend holds each admitted body
+    # in direct memory up to about twice over (Netty's aggregator consolidates a body's pieces into a
+    # copy; the batch sent to the worker is written into a buffer that grows by doubling), so this
+    # budget needs about 2 x 92 MiB of the -XX:MaxDirectMemorySize=256m in config.properties.
+    inflight_bytes: int = 4 * 21 * MIB + 8 * MIB
     # The last part of the budget only requests up to small_bytes may use: a phone-sized
     # thumbnail or a normal photo still gets through while large uploads fill the rest.
     small_reserve_bytes: int = 8 * MIB

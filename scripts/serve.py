@@ -43,6 +43,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--restore", action=argparse.BooleanOptionalAction, default=True,
                         help="bring back the models and default versions registered before the last stop "
                              "(TorchServe snapshots in <workdir>/logs/config)")
+    parser.add_argument("--front", action=argparse.BooleanOptionalAction, default=True,
+                        help="the admission front on the inference address (imagerec/front.py: bounded "
+                             "uploads in flight, 503 + Retry-After beyond); --no-front: TorchServe alone")
     return parser
 
 
@@ -64,6 +67,7 @@ def main(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         models=f"{args.backbone}={archive.name}",
         ports=shipped_ports(),
+        front=args.front,
     )
     # Ctrl-C or a service manager's SIGTERM: stop TorchServe and its workers with us.
     signal.signal(signal.SIGTERM, _interrupt)

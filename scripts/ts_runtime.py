@@ -123,7 +123,8 @@ class TorchServe:
     ``ports``: (inference, management, metrics); None picks free loopback ports (tests), while
     ``shipped_ports()`` keeps the addresses of config.properties (the real server).
     ``front``: put the admission front (imagerec/front.py, scripts/front.py) on the inference address
-    and TorchServe's inference API on a private loopback port behind it (``upstream_url``).
+    and TorchServe's inference API on a private loopback port behind it (``upstream_url``);
+    ``front_args``: more scripts/front.py options (e.g. ``("--inflight-mib", "29")``).
     """
 
     def __init__(
@@ -135,6 +136,7 @@ class TorchServe:
         ports: tuple[int, int, int] | None = None,
         env: dict[str, str] | None = None,
         front: bool = False,
+        front_args: tuple[str, ...] = (),
     ):
         self.model_store = Path(model_store).resolve()
         self.workdir = Path(workdir).resolve()
@@ -159,6 +161,7 @@ class TorchServe:
             self.upstream_url = f"http://127.0.0.1:{free_port()}"
             self.properties["inference_address"] = self.upstream_url
         self.front = front
+        self.front_args = tuple(front_args)
         self.extra_env = env or {}
         self.process: subprocess.Popen | None = None
         self.front_process: subprocess.Popen | None = None
@@ -223,7 +226,7 @@ class TorchServe:
         if self.front:
             self.front_process = subprocess.Popen(
                 [sys.executable, str(FRONT_SCRIPT), "--listen", self.inference_url.removeprefix("http://"),
-                 "--upstream", self.upstream_url, "--max-body", properties["max_request_size"]],
+                 "--upstream", self.upstream_url, "--max-body", properties["max_request_size"], *self.front_args],
                 cwd=self.workdir, stdout=self._console, stderr=subprocess.STDOUT, start_new_session=True,
             )
         try:
