@@ -56,6 +56,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--archive", type=Path, default=None,
                         help=f"an existing {MODEL} .mar (default: build one with scripts/build_archive.py)")
     parser.add_argument("--workdir", type=Path, default=None, help="archives, server and logs (default: a temp dir)")
+    parser.add_argument("--overhead-requests", type=int, default=40,
+                        help="after the rounds: small photos sent one at a time through the front and straight "
+                             "to TorchServe, alternately, to measure the front's cost (0: skip)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="replace a config.properties property for this run (repeatable)")
     parser.add_argument("--vmargs", type=str, default=None, help="replace config.properties vmargs for this run")
@@ -184,6 +187,21 @@ def storm_round(server: TorchServe, big: bytes, small: bytes, args) -> dict:
     }
 
 
+def front_overhead(server: TorchServe, small: bytes, count: int, timeout: float) -> dict[str, float]:
+    """Median latency of a small photo sent alone through the front and straight to TorchServe."""
+    headers = {"Content-Type": "application/octet-stream", **auth_header(server.keys["inference"])}
+    seconds = {"front": [], "direct": []}
+    path = f"/predictions/{MODEL}"
+    with requests.Session() as session:
+        for _ in range(count):
+            for name, base in (("front", server.inference_url), ("direct", server.upstream_url)):
+                start = time.monotonic()
+                response = session.put(base + path, data=small, headers=headers, timeout=timeout)
+                if response.status_code == 200:
+                    seconds[name].append(time.monotonic() - start)
+    return {name: statistics.median(values) for name, values in seconds.items() if values}
+
+
 def status_counts(answers: list[dict]) -> str:
     counts = collections.Counter(
         f"{a['status']}" + (f" (Retry-After {a['retry_after']})" if a["retry_after"] else "") for a in answers
@@ -261,6 +279,11 @@ def main(args: argparse.Namespace) -> int:
             logger.info("round %d: big %s; small %s", number + 1, status_counts(rounds[-1]["big"]),
                         status_counts(rounds[-1]["small"]))
         text = report(args, read_properties(server.config_path), photo, rounds, baseline)
+        if args.front and args.overhead_requests:
+            medians = front_overhead(server, small, args.overhead_requests, args.request_timeout)
+            text += (f"\nsmall photo alone, median of {args.overhead_requests}: through the front "
+                     f"{medians.get('front', float('nan')) * 1000:.1f} ms, straight to TorchServe "
+                     f"{medians.get('direct', float('nan')) * 1000:.1f} ms")
     print(text)
     logger.info("server logs: %s", server.log_dir)
     return 0
