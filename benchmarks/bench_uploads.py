@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import shlex
 import statistics
 import subprocess
 import sys
@@ -223,7 +224,7 @@ def megabytes(value: int) -> str:
 def report(args, properties: dict, photo: bytes, rounds: list[dict], baseline: tuple[int, int]) -> str:
     lines = [
         f"machine: {cpu_model()}, {psutil.cpu_count()} cores (shared with other work)",
-        f"command: {' '.join(sys.argv)}",
+        f"command: python -m benchmarks.bench_uploads {shlex.join(sys.argv[1:])}",
         f"photo: {args.format}, {len(photo) / 1e6:.1f} MB; {args.clients} clients x {args.rounds} rounds; "
         f"small client every {args.small_interval:g} s",
         f"admission front: {'on' if args.front else 'off'}; vmargs: {properties.get('vmargs')}",
