@@ -32,10 +32,11 @@ logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 # Headers that describe one connection, not the message (RFC 9110 section 7.6.1), plus the ones
-# the proxy recomputes itself.
+# the proxy handles itself: Expect (curl sends "100-continue" before large bodies; the front
+# answers it, and the body it forwards is already there) and the recomputed ones.
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade", "host", "content-length",
+    "transfer-encoding", "upgrade", "host", "content-length", "expect",
 })
 DRAIN_CHUNK = 256 * 1024
 # Paths whose body is an image for the model (TorchServe's inference API).
