@@ -3,10 +3,10 @@ request bytes are in flight, and refuses the rest at once with 503 and a Retry-A
 
 Why it exists (docs/bench/uploads.md has the measurements): TorchServe 0.12's Java frontend buffers
 every request body whole in Netty direct memory before it looks at it, with no limit on how many at
-once. Sixteen concurrent 20 MB photos exhausted its direct memory: some uploads got 507 "Cannot
-reserve 16777216 bytes of direct buffer memory", and when the failed allocation was the frontend's
-write of a batch to the worker, the worker never received the batch, TorchServe waited its
-responseTimeout (120 s), then killed the worker ("Worker died", 500; the model stalled meanwhile).
+once. Sixteen concurrent 20 MB photos exhausted its memory: some uploads got 507 "Cannot reserve
+16777216 bytes of direct buffer memory" (or "Java heap space"), and a batch the frontend wrote to the
+worker meanwhile never arrived: TorchServe waited its responseTimeout (120 s), then killed the
+worker ("Worker died", 500; the model stalled meanwhile).
 No TorchServe setting limits bodies in flight, and TorchServe never sends Retry-After. Here every
 request is admitted only while the bytes admitted and not yet answered stay within a budget, so
 TorchServe never holds more than that; a refused body is read and thrown away in small chunks (never
