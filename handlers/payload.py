@@ -38,7 +38,13 @@ def request_bytes(row: dict) -> bytes:
         value = row.get("data", row.get("body"))
     else:
         files = [v for v in row.values() if isinstance(v, (bytes, bytearray))]
-        value = files[0] if len(files) == 1 else None
+        if len(files) > 1:
+            # TorchServe hands over every multipart part by name; which one is the image is a guess.
+            raise ImageError(
+                f"multipart request with {len(row)} parts ({', '.join(sorted(map(str, row)))}) and none named "
+                "'data': send the image as the part named data (curl -F data=@photo.jpg)",
+            )
+        value = files[0] if files else None
     if value is None:
         return b""
     if isinstance(value, (bytes, bytearray)):

@@ -126,7 +126,7 @@ class RecognitionHandler(BaseHandler):
                 logger.info("request %d of a batch of %d refused: %s", index, batch.size, error)
                 batch.errors[index] = error
         wanted = [index for index in range(batch.size) if index not in batch.errors]
-        results = self._map_rows(self._prepare, [data[index] for index in wanted])
+        results = self._map_rows(self._prepare, [(index, data[index]) for index in wanted])
         tensors = []
         for index, result in zip(wanted, results):
             if isinstance(result, ImageError):
@@ -140,8 +140,13 @@ class RecognitionHandler(BaseHandler):
             batch.images = self.preprocessor.normalise(torch.stack(tensors))
         return batch
 
-    def _prepare(self, row) -> torch.Tensor | ImageError:
-        """One request -> uint8 image tensor, or its ImageError (never raised: it answers only that request)."""
+    def _prepare(self, item) -> torch.Tensor | ImageError:
+        """One (index, request) -> uint8 image tensor, or its ImageError (never raised: it answers only that request)."""
+        index, row = item
+        # The frontend marks requests to /explanations/NAME with this header.
+        if self.context.get_request_header(index, "explain") == "True":
+            return ImageError("this model has no explanations; send the image to /predictions/NAME for its Top-3",
+                              status=HTTPStatus.NOT_IMPLEMENTED, kind="no_explanations")
         try:
             return self.preprocessor.geometry(request_bytes(row))
         except ImageError as error:
@@ -190,6 +195,12 @@ class RecognitionHandler(BaseHandler):
                 logits, batch.known_scores = self.model.predict(batch.images)
                 batch.probabilities = logits.softmax(dim=1)
         return batch
+
+    def explain_handle(self, data_preprocess, raw_data):
+        """TorchServe calls this instead of inference + postprocess when the batch's first request came
+        to /explanations. This model has no explanations: preprocess already refused every
+        explanation request of the batch (501); the predictions in it are answered as usual."""
+        return self.postprocess(self.inference(data_preprocess))
 
     @timed
     def postprocess(self, batch):

@@ -17,6 +17,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from imagerec.paths import PROJECT_ROOT, SHIPPED_CONFIG
 logger = logging.getLogger(__name__)
 
 KEY_FILE_NAME = "key_file.json"
+FRONT_SCRIPT = PROJECT_ROOT / "scripts" / "front.py"
 DEFAULT_TIMEOUT_S = 30.0
 # TorchServe runs from its own environment, which scripts/setup.sh builds: its launcher hands its own
 # interpreter to the frontend for the workers, and workers use the CPU build of torch
@@ -141,6 +143,9 @@ class TorchServe:
     ``overrides``: properties replacing the shipped ones (e.g. a test's job_queue_size).
     ``ports``: (inference, management, metrics); None picks free loopback ports (tests), while
     ``shipped_ports()`` keeps the addresses of config.properties (the real server).
+    ``front``: put the admission front (imagerec/front.py, scripts/front.py) on the inference address
+    and TorchServe's inference API on a private loopback port behind it (``upstream_url``);
+    ``front_args``: more scripts/front.py options (e.g. ``("--inflight-mib", "29")``).
     """
 
     def __init__(
@@ -151,6 +156,8 @@ class TorchServe:
         overrides: dict[str, str] | None = None,
         ports: tuple[int, int, int] | None = None,
         env: dict[str, str] | None = None,
+        front: bool = False,
+        front_args: tuple[str, ...] = (),
     ):
         self.model_store = Path(model_store).resolve()
         self.workdir = Path(workdir).resolve()
@@ -173,9 +180,16 @@ class TorchServe:
         if models:
             self.properties["load_models"] = models
         self.properties.update(overrides or {})
+        self.upstream_url = self.inference_url
+        if front:  # clients keep the inference address; TorchServe moves behind the front
+            self.upstream_url = f"http://127.0.0.1:{free_port()}"
+            self.properties["inference_address"] = self.upstream_url
+        self.front = front
+        self.front_args = tuple(front_args)
         self.extra_env = env or {}
         self.process: subprocess.Popen | None = None
         self._unaddressable: set[str] = set()  # registered names outside our rules, warned about once
+        self.front_process: subprocess.Popen | None = None
 
     @property
     def config_path(self) -> Path:
@@ -250,6 +264,12 @@ class TorchServe:
             command, cwd=self.workdir, env=env, stdout=self._console, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        if self.front:
+            self.front_process = subprocess.Popen(
+                [sys.executable, str(FRONT_SCRIPT), "--listen", self.inference_url.removeprefix("http://"),
+                 "--upstream", self.upstream_url, "--max-body", properties["max_request_size"], *self.front_args],
+                cwd=self.workdir, stdout=self._console, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         try:
             self.wait_ready(timeout)
             if snapshot is not None:
@@ -281,8 +301,11 @@ class TorchServe:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"TorchServe exited with {self.process.returncode}; see {self.log_dir}")
+            if self.front_process is not None and self.front_process.poll() is not None:
+                raise RuntimeError(f"the admission front exited with {self.front_process.returncode}; "
+                                   f"see {self.log_dir / 'console.log'}")
             try:
-                if self.key_file.exists() and self._models_ready():
+                if self.key_file.exists() and self._models_ready() and self._front_ready():
                     return
             except (requests.RequestException, ValueError, KeyError):
                 pass  # not answering yet, or key_file.json still being written
@@ -312,6 +335,14 @@ class TorchServe:
                 if not any(w.get("status") == "READY" for w in version.get("workers", [])):
                     return False
         return True
+
+    def _front_ready(self) -> bool:
+        if self.front_process is None:
+            return True
+        try:  # any HTTP answer means it listens and reaches TorchServe (401/400 without a key is fine)
+            return requests.get(self.inference_url + "/ping", timeout=DEFAULT_TIMEOUT_S).status_code != 503
+        except requests.ConnectionError:
+            return False
 
     @property
     def keys(self) -> dict[str, str]:
@@ -397,10 +428,12 @@ class TorchServe:
         """Stop the frontend and all workers, and wait until every one of them has exited.
 
         drain_timeout > 0: first answer every request already accepted, taking no new one (``drain``),
-        for at most that long. Then the Java frontend stops first (it closes its ports, writes its
-        shutdown snapshot and stops its workers); whatever of the group is left is terminated after.
+        for at most that long. Then the admission front (if any: its requests are answered by now) and
+        the Java frontend stop (it closes its ports, writes its shutdown snapshot and stops its
+        workers); whatever of the group is left is terminated after.
         """
         if self.process is None:
+            self._stop_front(timeout)
             return
         group = self.process.pid
         try:
@@ -411,6 +444,7 @@ class TorchServe:
                     logger.info("drained in %.1f s%s", time.monotonic() - started, "" if drained else " (incomplete)")
                 except (requests.RequestException, RuntimeError, ValueError, KeyError) as error:
                     logger.warning("drain failed, stopping anyway: %s", error)
+            self._stop_front(timeout)
             frontend = []
             for process in _group_members(group):
                 try:
@@ -431,6 +465,18 @@ class TorchServe:
         finally:
             self.process = None
             self._console.close()
+
+    def _stop_front(self, timeout: float) -> None:
+        """The front goes first: no new request reaches a stopping TorchServe through it."""
+        if self.front_process is None:
+            return
+        self.front_process.terminate()
+        try:
+            self.front_process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.front_process.kill()
+            self.front_process.wait(timeout)
+        self.front_process = None
 
     def __enter__(self) -> "TorchServe":
         return self.start() if self.process is None else self

@@ -70,6 +70,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ports", type=int, nargs=3, default=None, metavar=("INFERENCE", "MANAGEMENT", "METRICS"),
                         help="loopback ports instead of config.properties' (gRPC ports are then picked free): "
                              "several servers side by side, e.g. local replicas behind a load balancer")
+    parser.add_argument("--front", action=argparse.BooleanOptionalAction, default=True,
+                        help="the admission front on the inference address (imagerec/front.py: bounded "
+                             "uploads in flight, 503 + Retry-After beyond); --no-front: TorchServe alone")
     return parser
 
 
@@ -120,6 +123,7 @@ def main(args: argparse.Namespace) -> int:
         ports=tuple(args.ports) if args.ports else None if args.free_ports else shipped_ports(),
         overrides={"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())}
         if args.ports else None,
+        front=args.front,
     )
     # Ctrl-C or a service manager's SIGTERM: stop TorchServe and its workers with us.
     signal.signal(signal.SIGTERM, _interrupt)
