@@ -40,6 +40,7 @@ from handlers.constants import MAX_REQUEST_BYTES
 from imagerec.model_set import ModelSet
 # The key file reader and the lifecycle errors; they move to imagerec/ with the restructure (issue 10).
 from imagerec.cli import EXIT_FAILED
+from imagerec.front import HOP_BY_HOP
 from imagerec.management import EXIT_UNREACHABLE, ManageError
 from imagerec.torchserve import read_keys
 
@@ -50,9 +51,8 @@ TOKEN_ENV_VAR = "IMAGEREC_CLIENT_TOKEN"
 MAX_BODY_BYTES = MAX_REQUEST_BYTES + 1024 * 1024
 # Longer than a version's responseTimeout (120 s): TorchServe answers a slow batch itself first.
 UPSTREAM_TIMEOUT_S = 130.0
-# Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the ones aiohttp sets.
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-               "transfer-encoding", "upgrade", "content-length", "date", "server"}
+# The front's hop-by-hop headers (one connection, not the message), plus the ones aiohttp sets itself.
+_HOP_BY_HOP = HOP_BY_HOP | {"date", "server"}
 
 
 class ChangingFile:
