@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import zipfile
+from pathlib import Path
 
 import pytest
 
 from handlers.layout import read_archive_info
 from imagerec.management import EXIT_UNREACHABLE
 from imagerec.torchserve import free_port
+from training.progress import read_progress
 from training import train_head
 from training.data import DataError, load_dataset
 
@@ -99,8 +101,14 @@ def test_train_head_writes_archive_report_and_reuses_cache(datasets_dir, tmp_pat
     common = ["--backbone", "efficientnet_lite0", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
               "--no-progress", "--views", "2", "--name", "bees_ants"]
     with caplog.at_level(logging.INFO):
-        assert train_head.run([str(data), *common, "--version", "1"]) == 0
+        assert train_head.run([str(data), *common, "--version", "1", "--progress-file", str(tmp_path / "progress.jsonl")]) == 0
     assert "broken.jpg" in caplog.text and "README.txt" in caplog.text
+    progress = read_progress(tmp_path / "progress.jsonl")
+    stages = [p["stage"] for p in progress]
+    assert stages[0] == "data" and stages[-1] == "done" and {"features", "fit", "evaluate", "archive"} <= set(stages)
+    features = [p for p in progress if p["stage"] == "features"]
+    assert features[-1]["done"] == features[-1]["total"] == 16 + 16 * 2 + 8  # plain + 2 views of train, val
+    assert [p["done"] for p in features] == sorted(p["done"] for p in features)
 
     archive = out / "bees_ants_v1.mar"
     info = read_archive_info(archive)
@@ -126,6 +134,10 @@ def test_train_head_writes_archive_report_and_reuses_cache(datasets_dir, tmp_pat
     assert sum(map(sum, confusion)) == 8
     assert report["metrics"]["accuracy"] == pytest.approx(sum(confusion[i][i] for i in range(2)) / 8)
     assert (out / "bees_ants_v1.confusion.png").stat().st_size > 0
+    wrong = report["wrong_validation"]
+    assert len(wrong) == round(8 * (1 - report["metrics"]["accuracy"]))
+    assert all(w["true"] != w["predicted"] and Path(w["file"]).is_file() for w in wrong)
+    assert info["trained_at"].endswith("+00:00")
 
     # Other head settings on the same data: every feature comes from the cache.
     assert train_head.run([str(data), *common, "--version", "2", "--head", "linear", "--weight-decay", "0.01"]) == 0

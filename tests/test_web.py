@@ -360,6 +360,28 @@ def test_teach_deploy_recognise_and_roll_back(page, page_server, datasets_dir, t
     assert "%" in row.inner_text()  # accuracy from the manifest
 
 
+def test_make_default_and_retire_from_the_modes_tab(page, page_server, tmp_path):
+    name = "clothes3"  # v1 default, v2 registered (test_teach_deploy_recognise_and_roll_back)
+    assert default_versions(page_server)[name][0] == "1"
+    page.click("#tab-modes")
+    unlock(page, page_server.token)
+    page.click(f"article[data-mode={name}] tr.actions-row[data-version='2'] button.make-default")
+    page.wait_for_selector(f"article[data-mode={name}] tr[data-version='2'].default")
+    page.wait_for_selector("#modes-done:not([hidden])")
+    assert default_versions(page_server)[name][0] == "2"
+
+    page.once("dialog", lambda dialog: dialog.accept())  # "Retire clothes3 version 1?"
+    page.click(f"article[data-mode={name}] tr.actions-row[data-version='1'] button.retire")
+    page.wait_for_selector(f"article[data-mode={name}] tr[data-version='1']", state="detached", timeout=120_000)
+    shot(page, tmp_path, "modes-retired")
+    default, versions = default_versions(page_server)[name]
+    assert default == "2" and [v for v, _ in versions] == ["2"]
+    # The default itself cannot be retired: the page offers no button, the API refuses.
+    assert not page.query_selector(f"article[data-mode={name}] tr.actions-row[data-version='2'] button.retire")
+    refused = page_server.api("POST", f"/api/modes/{name}/retire", token=page_server.token, json={"version": "2"})
+    assert refused.status_code == 409 and refused.json()["error"] == "refused"
+
+
 def test_jobs_survive_a_restart_and_a_cut_off_job_is_interrupted(page_server, datasets_dir, browser, tmp_path):
     token = page_server.token
     jobs = page_server.api("GET", "/api/jobs", token=token).json()["jobs"]
