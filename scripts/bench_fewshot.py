@@ -214,7 +214,10 @@ def time_train_head(args) -> dict:
         for folder in sorted(p for p in source.iterdir() if p.is_dir())[:5]:
             (data / folder.name).mkdir(parents=True)
             for photo in sorted(folder.iterdir())[:20]:
-                os.link(photo, data / folder.name / photo.name)  # not a symlink: those leaving DATA_DIR are skipped
+                try:  # not a symlink: those leaving DATA_DIR are skipped
+                    os.link(photo, data / folder.name / photo.name)
+                except OSError:  # another file system
+                    shutil.copyfile(photo, data / folder.name / photo.name)
         timings = {}
         for run, version in (("cold", "1"), ("warm", "2")):
             command = [sys.executable, str(PROJECT_ROOT / "training" / "train_head.py"), str(data),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import zipfile
 
 import pytest
@@ -24,9 +25,10 @@ from training.evaluation import draw_confusion, evaluate, mean_ci95
 
 
 def make_subset(datasets_dir, root, classes=("ants", "bees"), train=8, val=4, layout="folders", dataset="hymenoptera"):
-    """A small ImageFolder of hard links to shared photos (never copies; symbolic links would leave the
-    data folder, which load_dataset skips): ``layout`` "train/val" gives ``root/train/<class>`` and
-    ``root/val/<class>``, "folders" gives ``root/<class>`` with train+val photos."""
+    """A small ImageFolder of hard links to shared photos (symbolic links would leave the data folder,
+    which load_dataset skips; copies only where the temp dir is on another file system): ``layout``
+    "train/val" gives ``root/train/<class>`` and ``root/val/<class>``, "folders" gives ``root/<class>``
+    with train+val photos."""
     for cls in classes:
         source = sorted((datasets_dir / dataset / "train" / cls).iterdir())
         held = sorted((datasets_dir / dataset / "val" / cls).iterdir())[:val]
@@ -35,7 +37,10 @@ def make_subset(datasets_dir, root, classes=("ants", "bees"), train=8, val=4, la
             folder = root / split / cls if split else root / cls
             folder.mkdir(parents=True, exist_ok=True)
             for photo in photos:
-                os.link(photo, folder / photo.name)
+                try:
+                    os.link(photo, folder / photo.name)
+                except OSError:  # another file system (a tmpfs /tmp)
+                    shutil.copyfile(photo, folder / photo.name)
     return root
 
 
