@@ -34,6 +34,7 @@ from handlers.backbones import get_backbone
 from handlers.heads import build_head
 from imagerec.cli import EXIT_BAD_ARGUMENTS, run_cli
 from imagerec.export import CACHE_DIR_VAR
+from imagerec.files import link_or_copy
 from imagerec.paths import DATASETS_DIR as DATASETS
 from imagerec.paths import PROJECT_ROOT
 from training.data import load_dataset
@@ -212,7 +213,7 @@ def time_train_head(args) -> dict:
         for folder in sorted(p for p in source.iterdir() if p.is_dir())[:5]:
             (data / folder.name).mkdir(parents=True)
             for photo in sorted(folder.iterdir())[:20]:
-                os.link(photo, data / folder.name / photo.name)  # not a symlink: those leaving DATA_DIR are skipped
+                link_or_copy(photo, data / folder.name / photo.name)  # not a symlink: those leaving DATA_DIR are skipped
         timings = {}
         for run, version in (("cold", "1"), ("warm", "2")):
             command = [sys.executable, str(PROJECT_ROOT / "training" / "train_head.py"), str(data),
