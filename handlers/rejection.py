@@ -13,7 +13,8 @@ features. Measured on this project's features (docs/bench/openset.md) it separat
 kinds far better than scores read from the head's logits (max softmax, Hendrycks and Gimpel 2017;
 energy, Liu et al. 2020), which a classifier trained on a few classes is confidently wrong about.
 
-Runtime code: no training imports; ``KnnRejection`` rides inside a head's state_dict.
+Runtime code: no training imports; ``KnnRejection`` rides inside a head's state_dict. The served
+answer's "unknown" label and the ``X-Keep`` header name live in handlers/constants.py.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from handlers.constants import KEEP_HEADER, UNKNOWN_LABEL  # noqa: F401  (re-exported for the handler)
 
 DEFAULT_KEEP = 0.95
 
