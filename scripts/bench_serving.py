@@ -566,15 +566,11 @@ def ceiling(costs: dict, forward: dict, threads: int) -> tuple[float, float]:
 # What the levers above led to; kept in words (not figures) so that it stays true on a re-run.
 NOTES = """### What was changed, and the rows behind it
 
-- Backbone compiled ahead of time with AOTInductor (handlers/compile_backbone.py builds it,
-  handlers/compiled.py runs it; `--compile aoti`, the default for fp32): batch norms folded into the
-  convolutions, activations fused, weights pre-packed for oneDNN; the same fp32 function (guard table). Compiled once per backbone and machine when the
-  archive is built, in the serving environment, then cached. Two packages: one image with every shape
-  fixed, and batches of 2 to the batch size (a dynamic batch dimension made single images about 40%
-  slower). The worker loads them through torch's C++ loader in milliseconds. Rows: resnet18 against
-  resnet18_fp32 (eager), and the fp32 / fp32+aoti rows of the ceiling table. Measured by hand and not
-  adopted: torch.compile inside each worker (about 15 s at a worker's first start, with an empty
-  compiler cache, and about 370 MB more per worker for the compiler's own modules).
+- Backbone as a portable ONNX graph in the archive (imagerec/export.py exports it once per weights;
+  handlers/runtime.py runs it with ONNX Runtime for fp32, OpenVINO for bf16 on AMX): replaced the
+  AOTInductor packages, which were tied to the build machine's CPU and torch. Rows: the
+  fp32+onnxruntime / fp32+openvino / bf16+openvino rows of the ceiling table; docs/bench/runtime.md
+  has the side-by-side comparison.
 - Serving environment with the CPU build of torch (.venv-serve, requirements-serve.txt): torch 2.14.1
   exists here only as a CUDA build, whose libraries cost each worker about 285 MB at import (`import
   torch`: 504 MB resident against 218 MB for 2.13.0+cpu, measured by hand), for nothing on a CPU
@@ -597,8 +593,8 @@ NOTES = """### What was changed, and the rows behind it
   tests/test_imaging.py compares it with torchvision): about 150 MB PSS less per worker.
 - Idle memory trim: after 2 s without a batch each worker returns freed activation memory to the OS
   (malloc_trim); compare "PSS after load" with "PSS idle" for the worker that served the load.
-- Kept: fp32 with the compiled backbone (bf16 fails the accuracy guard; bf16 rows show what it would
-  give), batch size 8 (batch16 row), one worker with all cores as torch threads (2x1threads: more
+- Kept: fp32 on ONNX Runtime where the CPU has no AMX (bf16 passes the task-accuracy guard but ran
+  slower than fp32 with AVX-512 bf16 alone), batch size 8 (batch16 row), one worker with all cores as torch threads (2x1threads: more
   throughput, slower single requests, twice the memory; 2x2threads is TorchServe's stock layout and
   collapses from oversubscription), JPEG draft decoding (its gain is the 12 MP line).
 - Measured by hand, no gain: TorchScript freeze (no faster than channels-last eager), TorchServe's
@@ -607,8 +603,7 @@ NOTES = """### What was changed, and the rows behind it
   PyPI) with the workers' torch 2.13 quantized nothing: its X86InductorQuantizer inserted no quantize
   op into efficientnet_lite0 and stopped on resnet18 ("Input partition has more than one output
   node"). bf16 already moves top-3 probabilities by up to 0.13, and int8 rounds harder, so int8 is
-  unlikely to pass a 0.02 guard anyway. ONNX Runtime: not tried; it would be another runtime and
-  dependency for the same fusions AOTInductor makes.
+  unlikely to pass a 0.02 guard anyway. ONNX Runtime static quantisation: not yet measured.
 """
 
 
