@@ -90,12 +90,12 @@ class RecognitionHandler(BaseHandler):
             pass
 
     def _warm_up(self):
-        # The first forward of each shape allocates and picks kernels (the graph runtimes prepare each
-        # new batch shape): do it now for one image and a full batch, not in a user's request.
+        # The first forward allocates and picks kernels; do it now, not in a user's request. One image
+        # only: warming a full batch too left ONNX Runtime's arena holding that batch's activations in
+        # every idle worker (idle PSS 261-273 MB against 199-220 MB: docs/bench/runtime.md).
         size = self.preprocessor.preprocessing.crop_size
         with torch.inference_mode():
-            for batch in sorted({1, int(self.model_yaml_config.get("batchSize") or 1)}):
-                self.model(torch.zeros(batch, 3, size, size))
+            self.model(torch.zeros(1, 3, size, size))
         self._batch_done()
 
     def _batch_done(self):

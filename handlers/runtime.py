@@ -6,7 +6,7 @@ loads it, with the worker's thread count, so an archive is fast on every x86 CPU
 
 Precision is chosen first, on the machine that serves (``choose_precision``): bf16 only where the
 archive's accuracy guard allowed it (model_info.json ``precision_guard``, judged by task accuracy
-at build time) and this CPU makes it pay: AMX. With AVX-512 bf16 alone (no AMX) bf16 ran 1.3-1.6x
+at build time) and this CPU makes it pay: AMX. With AVX-512 bf16 alone (no AMX) bf16 ran 1.3-1.7x
 slower than fp32 here (docs/bench/runtime.md); ``$IMAGEREC_BACKBONE_PRECISION=bf16`` takes it there
 anyway, ``=fp32`` never. The log says what was chosen and why.
 
