@@ -30,6 +30,7 @@ def _train(data, out, cache, version, server, *extra):
         sys.executable, str(PROJECT_ROOT / "training" / "train_head.py"), str(data),
         "--name", NAME, "--version", version, "--backbone", "efficientnet_lite0", "--out", str(out),
         "--cache-dir", str(cache), "--views", "1", "--no-progress",
+        "--keep", "1",  # no rejection rule: this test compares Top-3s (tests/test_openset_serving.py has "unknown")
         "--register", server.management_url, "--key-file", str(server.key_file),
         "--model-store", str(server.model_store), *extra,
     ]

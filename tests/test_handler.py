@@ -75,7 +75,7 @@ def test_answers_are_top3_sorted_with_indices_matching_labels(handler_and_contex
     assert all(handler.labels[entry["index"]] == entry["label"] for entry in answer)
     # The same three classes and probabilities as the eager network on the same photo, computed
     # independently of the handler's batching, threading and compiled backbone.
-    reference = load_recognizer(model_dir, compile=False)
+    reference = load_recognizer(model_dir, engine="eager")
     photo = ImagePreprocessor(reference.backbone.preprocessing)((samples_dir / "grace_hopper.jpg").read_bytes())
     with torch.inference_mode():
         top_p, top_i = reference.recognizer(photo[None]).softmax(1)[0].topk(3)

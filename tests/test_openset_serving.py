@@ -36,7 +36,7 @@ def _train(data, out, version, server, *extra) -> tuple:
     command = [
         sys.executable, str(PROJECT_ROOT / "training" / "train_head.py"), str(data),
         "--name", NAME, "--version", version, "--backbone", "efficientnet_lite0", "--out", str(out),
-        "--views", "1", "--no-progress", "--compile", "none",
+        "--views", "1", "--no-progress",
         "--register", server.management_url, "--key-file", str(server.key_file),
         "--model-store", str(server.model_store), *extra,
     ]

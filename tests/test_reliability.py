@@ -66,7 +66,7 @@ def test_two_concurrent_builds_with_the_same_name_both_succeed(resnet18_weights,
     env = {**os.environ, "TMPDIR": str(temp)}
     builds = [
         subprocess.Popen(BUILD + ["--backbone", "resnet18", "--weights", str(resnet18_weights), "--name", "same",
-                                  "--version", "1", "--compile", "none", "--out", str(tmp_path / f"out{i}")],
+                                  "--version", "1", "--out", str(tmp_path / f"out{i}")],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]
