@@ -20,7 +20,6 @@ import logging
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,14 +28,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.bench_train_head import link_class_folders, run_train_head
 from benchmarks.report import machine_description, replace_section
 from handlers.backbones import get_backbone
 from handlers.heads import build_head
 from imagerec.cli import EXIT_BAD_ARGUMENTS, run_cli
 from imagerec.export import CACHE_DIR_VAR
-from imagerec.files import link_or_copy
 from imagerec.paths import DATASETS_DIR as DATASETS
-from imagerec.paths import PROJECT_ROOT
 from training.data import load_dataset
 from training.evaluation import mean_ci95
 from training.features import Augmentation, FeatureExtractor, default_cache_dir
@@ -209,26 +207,16 @@ def time_train_head(args) -> dict:
     source = args.datasets_dir / args.timing_set / "train"
     with tempfile.TemporaryDirectory(prefix="bench-train-head-") as tmp:
         tmp = Path(tmp)
-        data = tmp / "photos"
-        for folder in sorted(p for p in source.iterdir() if p.is_dir())[:5]:
-            (data / folder.name).mkdir(parents=True)
-            for photo in sorted(folder.iterdir())[:20]:
-                link_or_copy(photo, data / folder.name / photo.name)  # not a symlink: those leaving DATA_DIR are skipped
+        link_class_folders(source, tmp / "photos", classes=5, per_class=20)
+        env = {**os.environ, CACHE_DIR_VAR: str(tmp / "onnx-cache")}
         timings = {}
         for run, version in (("cold", "1"), ("warm", "2")):
-            command = [sys.executable, str(PROJECT_ROOT / "training" / "train_head.py"), str(data),
-                       "--name", "bench", "--version", version, "--backbone", BACKBONE, "--out", str(tmp / "out"),
-                       "--cache-dir", str(tmp / "cache"), "--no-progress"]
-            env = {**os.environ, CACHE_DIR_VAR: str(tmp / "onnx-cache")}
-            started = time.perf_counter()
-            result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-            timings[run] = time.perf_counter() - started
-            if result.returncode != 0:
-                raise RuntimeError(f"train_head failed: {result.stderr[-2000:]}")
-            report = json.loads((tmp / "out" / f"bench_v{version}.report.json").read_text())
+            seconds, report, command = run_train_head(tmp / "photos", tmp / "out", "bench", version, "--backbone",
+                                                       BACKBONE, "--cache-dir", str(tmp / "cache"), env=env)
+            timings[run] = seconds
             timings[f"{run}_phases"] = report["timings_s"]
             timings[f"{run}_val_accuracy"] = report["metrics"]["accuracy"]
-            logger.info("train_head %s cache: %.1fs wall (%s)", run, timings[run], report["timings_s"])
+            logger.info("train_head %s cache: %.1fs wall (%s)", run, seconds, report["timings_s"])
         timings["command"] = " ".join(["python training/train_head.py", "PHOTOS(5 classes x 20)", *command[3:]]) \
             .replace(str(tmp), "TMP")
         shutil.rmtree(tmp / "out", ignore_errors=True)
@@ -236,7 +224,7 @@ def time_train_head(args) -> dict:
 
 
 def markdown(heads: list[dict], finetune: dict | None, timing: dict | None, args, seconds: float) -> str:
-    lines = [SECTION, "", f"Command: `python benchmarks/bench_fewshot.py {' '.join(sys.argv[1:])}` "
+    lines = [SECTION, "", f"Command: `.venv/bin/python -m benchmarks.bench_fewshot {' '.join(sys.argv[1:])}` "
              f"(total {seconds / 60:.1f} min).", "", f"Machine: {machine_description()}.", "",
              f"Backbone {BACKBONE} (frozen); linear head's training rows = each image's plain view + {args.views} augmented "
              f"views (prototype: the plain view); {args.episodes} seeded episodes per row, {args.ways} random classes where a set has more, "

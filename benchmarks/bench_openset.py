@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,12 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_fewshot import BACKBONE, DATASETS, draw_episode, set_features
+from benchmarks.bench_train_head import link_class_folders, run_train_head
+from benchmarks.report import machine_description
 from handlers.heads import build_head
 from handlers.rejection import DEFAULT_KEEP
 from imagerec.cli import EXIT_BAD_ARGUMENTS, run_cli
 from imagerec.export import CACHE_DIR_VAR
-from imagerec.files import link_or_copy
-from imagerec.paths import PROJECT_ROOT
 from training.evaluation import auroc, fpr_at_keep, mean_ci95
 from training.features import FeatureExtractor, default_cache_dir
 from training.train_head import DEFAULT_VIEWS, fit_head, training_rows
@@ -189,42 +188,20 @@ def time_train_head(args) -> dict:
     timings = {"linear": [], "auto": []}
     with tempfile.TemporaryDirectory(prefix="bench-openset-") as tmp:
         tmp = Path(tmp)
-        data = tmp / "photos"
-        for folder in sorted(p for p in source.iterdir() if p.is_dir())[:5]:
-            (data / folder.name).mkdir(parents=True)
-            for photo in sorted(folder.iterdir())[:20]:
-                link_or_copy(photo, data / folder.name / photo.name)
+        link_class_folders(source, tmp / "photos", classes=5, per_class=20)
         env = {**os.environ, CACHE_DIR_VAR: str(tmp / "export-cache")}
         # The first run only warms the caches; then linear and auto alternate.
         runs = ["linear"] + [head for _ in range(args.timing_runs) for head in ("linear", "auto")]
         for number, head in enumerate(runs):
-            command = [sys.executable, str(PROJECT_ROOT / "training" / "train_head.py"), str(data), "--name", "bench",
-                       "--version", str(number + 1), "--backbone", BACKBONE,
-                       "--out", str(tmp / "out"), "--cache-dir", str(args.cache_dir), "--no-progress",
-                       "--head", head, "--force"]
-            started = time.perf_counter()
-            result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-            seconds = time.perf_counter() - started
-            if result.returncode != 0:
-                raise RuntimeError(f"train_head failed: {result.stderr[-2000:]}")
+            seconds, _, _ = run_train_head(tmp / "photos", tmp / "out", "bench", str(number + 1), "--backbone",
+                                           BACKBONE, "--cache-dir", str(args.cache_dir), "--head", head, "--force",
+                                           env=env, timeout=600)
             if number:
                 timings[head].append(seconds)
                 logger.info("train_head --head %s warm: %.1fs", head, seconds)
     timings["command"] = ("python training/train_head.py PHOTOS(clothing10, 5 classes x 20) --backbone "
                           f"{BACKBONE} --head {{linear,auto}} (feature cache warm)")
     return timings
-
-
-def lscpu() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "lscpu unavailable"
-    fields = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    return f"{fields.get('Model name', '?')}, {fields.get('CPU(s)', '?')} CPUs; flags: {fields.get('Flags', '?')}"
 
 
 def ci(values: list[float]) -> str:
@@ -234,9 +211,9 @@ def ci(values: list[float]) -> str:
 
 def markdown(part1: dict, costs: dict, part2: list[dict], timing: dict | None, args, seconds: float) -> str:
     lines = ["# Open-set rule and `--head auto`", "",
-             f"Command: `python benchmarks/bench_openset.py {' '.join(sys.argv[1:])}` (total {seconds / 60:.1f} min, "
+             f"Command: `.venv/bin/python -m benchmarks.bench_openset {' '.join(sys.argv[1:])}` (total {seconds / 60:.1f} min, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).", "",
-             f"Machine: {lscpu()}.", "",
+             f"Machine: {machine_description()}.", "",
              f"The machine was shared with other jobs during the run (load average at the end {os.getloadavg()[0]:.1f}): "
              "times are only comparable within one run.", "",
              f"Backbone {BACKBONE} (frozen). Known classes: {args.ways} random classes per episode, {args.shots} "

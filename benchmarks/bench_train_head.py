@@ -38,6 +38,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAIN_HEAD = PROJECT_ROOT / "training" / "train_head.py"
+
+
+def link_class_folders(source: Path, data: Path, classes: int, per_class: int) -> None:
+    """``data/<class>/*``: the first ``per_class`` photos of the first ``classes`` class folders of
+    ``source``, linked (benchmarks/bench_fewshot.py and bench_openset.py time train_head on these)."""
+    for folder in sorted(p for p in source.iterdir() if p.is_dir())[:classes]:
+        (data / folder.name).mkdir(parents=True)
+        for photo in sorted(folder.iterdir())[:per_class]:
+            link_or_copy(photo, data / folder.name / photo.name)
+
+
+def run_train_head(data: Path, out: Path, name: str, version: str, *options: str, env: dict | None = None,
+                   timeout: float = 900.0) -> tuple[float, dict, list[str]]:
+    """``training/train_head.py DATA`` as a user runs it: (wall seconds, its report, the command)."""
+    command = [sys.executable, str(TRAIN_HEAD), str(data), "--name", name, "--version", version,
+               "--out", str(out), "--no-progress", *options]
+    started = time.perf_counter()
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=PROJECT_ROOT, env=env)
+    seconds = time.perf_counter() - started
+    if completed.returncode != 0:
+        raise RuntimeError(f"train_head failed: {completed.stderr[-2000:]}")
+    return seconds, json.loads((out / f"{name}_v{version}.report.json").read_text()), command
+
+
 def make_data(source: Path, data: Path) -> None:
     for folder in sorted(p for p in (source / "train").iterdir() if p.is_dir())[:CLASSES]:
         train = sorted(folder.iterdir())
@@ -54,15 +79,9 @@ def main(args: argparse.Namespace) -> dict:
         make_data(args.set, tmp / "photos")
         result = {"val_images": sum(1 for _ in (tmp / "photos" / "val").glob("*/*"))}
         for run, extra in (("cold", []), ("warm", ["--weight-decay", "0.01"])):
-            command = [sys.executable, str(PROJECT_ROOT / "training" / "train_head.py"), str(tmp / "photos"),
-                       "--name", "bench", "--version", run, "--backbone", args.backbone, "--out", str(tmp / "out"),
-                       "--cache-dir", str(tmp / "features"), "--export-cache", str(tmp / "onnx"), "--no-progress", *extra]
-            started = time.perf_counter()
-            completed = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, cwd=PROJECT_ROOT)
-            seconds = time.perf_counter() - started
-            if completed.returncode != 0:
-                raise RuntimeError(f"train_head failed: {completed.stderr[-2000:]}")
-            report = json.loads((tmp / "out" / f"bench_v{run}.report.json").read_text())
+            seconds, report, command = run_train_head(
+                tmp / "photos", tmp / "out", "bench", run, "--backbone", args.backbone, "--cache-dir",
+                str(tmp / "features"), "--export-cache", str(tmp / "onnx"), *extra, timeout=args.timeout)
             info = ArchiveContents(tmp / "out" / f"bench_v{run}.mar").info()
             result[run] = {"wall_s": round(seconds, 1), "phases_s": report["timings_s"],
                            "val_accuracy": report["metrics"]["accuracy"],
