@@ -13,9 +13,8 @@ import sys
 
 import torch
 
-from handlers.layout import extract_archive
-from handlers.layout import read_archive_info
-from handlers.constants import TOP_K, VERSION_HEADER
+from handlers.constants import TOP_K, UNKNOWN_LABEL, VERSION_HEADER
+from handlers.layout import extract_archive, read_archive_info
 from handlers.imaging import ImagePreprocessor
 from handlers.recognizer import load_recognizer
 from imagerec.paths import PROJECT_ROOT
@@ -25,12 +24,16 @@ from tests.support import make_subset
 NAME = "hymenoptera_mini"
 
 
+def known(answer: list[dict]) -> list[dict]:
+    """The class entries of an answer (without a leading "unknown")."""
+    return [entry for entry in answer if entry["label"] != UNKNOWN_LABEL]
+
+
 def _train(data, out, cache, version, server, *extra):
     command = [
         sys.executable, str(PROJECT_ROOT / "training" / "train_head.py"), str(data),
         "--name", NAME, "--version", version, "--backbone", "efficientnet_lite0", "--out", str(out),
         "--cache-dir", str(cache), "--views", "1", "--no-progress",
-        "--keep", "1",  # no rejection rule: this test compares Top-3s (tests/test_openset_serving.py has "unknown")
         "--register", server.management_url, "--key-file", str(server.key_file),
         "--model-store", str(server.model_store), *extra,
     ]
@@ -59,12 +62,17 @@ def test_trained_head_served_equals_in_process_and_versions_coexist(datasets_dir
         assert loaded.labels == ["ants", "bees"]
         preprocess = ImagePreprocessor(loaded.backbone.preprocessing)
         with torch.inference_mode():
-            expected = loaded.recognizer(torch.stack([preprocess(p.read_bytes()) for p in photos])).softmax(1)
-        for photo, probabilities in zip(photos, expected):
+            logits, scores = loaded.recognizer.predict(torch.stack([preprocess(p.read_bytes()) for p in photos]))
+        expected = logits.softmax(1)
+        threshold = float(loaded.recognizer.rejection.threshold)
+        for photo, probabilities, score in zip(photos, expected, scores.tolist()):
             response = server.predict(NAME, photo.read_bytes(), version=version)
             assert response.status_code == 200, response.text
             assert response.headers[VERSION_HEADER] == version
             answer = response.json()
+            # The head's rejection rule (README "Unknown photos") declines the photo exactly as in process.
+            assert (answer[0]["label"] == UNKNOWN_LABEL) == (score < threshold)
+            answer = known(answer)
             assert len(answer) == min(TOP_K, 2)
             top = torch.sort(probabilities, descending=True)
             assert [entry["label"] for entry in answer] == [loaded.labels[i] for i in top.indices.tolist()]
@@ -72,6 +80,6 @@ def test_trained_head_served_equals_in_process_and_versions_coexist(datasets_dir
                 assert abs(entry["probability"] - p) < 1e-4
 
     # The two heads are different models: somewhere their probabilities differ.
-    first = [server.predict(NAME, p.read_bytes(), version="1").json()[0]["probability"] for p in photos]
-    second = [server.predict(NAME, p.read_bytes(), version="2").json()[0]["probability"] for p in photos]
+    first = [known(server.predict(NAME, p.read_bytes(), version="1").json())[0]["probability"] for p in photos]
+    second = [known(server.predict(NAME, p.read_bytes(), version="2").json())[0]["probability"] for p in photos]
     assert any(abs(a - b) > 1e-3 for a, b in zip(first, second))
