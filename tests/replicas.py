@@ -146,7 +146,7 @@ class ServeProcess(Process):
         self.model_store = model_store
         command = [sys.executable, str(PROJECT_ROOT / "scripts" / "serve.py"), "--backbone", backbone,
                    "--version", version, "--model-store", str(model_store), "--workdir", str(workdir),
-                   "--no-restore", "--ports", *map(str, self.ports), *extra_args]
+                   "--no-restore", "--no-web", "--ports", *map(str, self.ports), *extra_args]
         super().__init__(command, workdir.parent / f"{workdir.name}-serve.log")
 
 
