@@ -33,7 +33,7 @@ from pathlib import Path
 
 import requests
 
-from handlers.constants import UNKNOWN_LABEL, VERSION_HEADER
+from handlers.constants import KEEP_HEADER, UNKNOWN_LABEL, VERSION_HEADER
 from handlers.layout import MAR_MANIFEST_FILE, ArchiveContents
 from imagerec.cli import EXIT_BAD_ARGUMENTS, EXIT_FAILED
 from imagerec.files import atomic_write
@@ -380,12 +380,19 @@ def register_archive(archive: Path, *, management_url: str, key_file: Path, mode
 
 def run_check(client: Client, facts: ArchiveFacts, checks: list[tuple[str, bytes, str | None]],
               min_accuracy: float) -> dict:
-    """Send check images to the new version directly; raise ManageError(EXIT_CHECK_FAILED) with reasons."""
+    """Send check images to the new version directly; raise ManageError(EXIT_CHECK_FAILED) with reasons.
+
+    The check catches a broken or mislabelled archive, so it asks for the classes (``X-Keep: 1``):
+    a head's rejection rule may decline some of its own photos ("unknown"; train_head reports how
+    many), which says how strict the rule is, not that the archive is broken. An "unknown" that
+    comes back all the same counts as a miss, never as a label outside the archive.
+    """
     classes = facts.classes()
     problems, answered, correct, expected_n = [], 0, 0, 0
+    headers = {"Content-Type": "application/octet-stream", KEEP_HEADER: "1"}
     for label_source, data, expected in checks:
         response = client.call("PUT", f"/predictions/{facts.name}/{facts.version}", inference=True, data=data,
-                               expect=range(100, 600), headers={"Content-Type": "application/octet-stream"})
+                               expect=range(100, 600), headers=headers)
         if response.status_code != 200:
             problems.append(f"{label_source}: HTTP {response.status_code} {_message(response)}")
             continue

@@ -141,13 +141,18 @@ def test_keep_1_rejects_nothing_but_a_request_can_still_ask(trained):
     assert sum(_rejected(server, trained["others"], "2", keep="0.9")) >= 0.8 * len(trained["others"])
 
 
-def test_deploy_check_counts_unknown_as_a_miss_not_an_error(trained):
+def test_deploy_check_judges_the_classes_where_the_rule_would_say_unknown(trained):
+    """The check asks for the classes (X-Keep: 1): a photo the rule declines by default is judged by
+    its top class, and nothing in the answers is taken for a label outside the archive."""
     server = trained["server"]
     client = Client(server.management_url, server.key_file, server.model_store, inference_url=server.inference_url)
     facts = inspect_archive(trained["v1"])
     photo = trained["others"][_rejected(server, trained["others"], "1").index(True)]
+    top_class = _ask(server, NAME, photo, version="1", keep="1").json()[0]["label"]
+    assert top_class in CLASSES
     own = trained["own"][::VAL_PER_CLASS]  # one photo of each class
-    checks = [(str(photo), photo.read_bytes(), CLASSES[0])] + [(str(p), p.read_bytes(), p.parent.name) for p in own]
+    wrong = next(cls for cls in CLASSES if cls != top_class)
+    checks = [(str(photo), photo.read_bytes(), wrong)] + [(str(p), p.read_bytes(), p.parent.name) for p in own]
     result = run_check(client, facts, checks, min_accuracy=0.5)
     assert result["checked"] == len(checks) and result["top1_correct"] <= len(checks) - 1
 

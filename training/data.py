@@ -144,7 +144,7 @@ def readable_images(folder: str | Path) -> tuple[list[tuple[Path, str]], list[tu
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder of photos")
     readable, unreadable = [], []
-    for path in _files(folder):
+    for path in _files(folder, folder):
         digest, reason = _probe(path)
         if digest is None:
             unreadable.append((path, reason))
