@@ -274,6 +274,8 @@ class TorchServe:
             self.wait_ready(timeout)
             if snapshot is not None:
                 self._register_missing(snapshot, timeout)
+        except KeyboardInterrupt:
+            raise  # Ctrl-C or SIGTERM: the caller stops it, draining what was accepted (scripts/serve.py)
         except BaseException:
             self.stop()  # never leave a half-started server (and its pid file) behind
             raise

@@ -105,6 +105,13 @@ def start_page(args: argparse.Namespace, server: TorchServe, backbone: str, noti
     return subprocess.Popen(command, cwd=PROJECT_ROOT)
 
 
+def log_addresses(backbone: str, version: str, server: TorchServe) -> None:
+    logger.info("serving %s v%s at %s/predictions/%s", backbone, version, server.inference_url, backbone)
+    logger.info("management API at %s; keys in %s; logs in %s", server.management_url, server.key_file, server.log_dir)
+    logger.info("try: curl -H \"Authorization: Bearer $(python -c \"import json; print(json.load(open('%s'))['inference']['key'])\")\" "
+                "-T photo.jpg %s/predictions/%s", server.key_file, server.inference_url, backbone)
+
+
 def main(args: argparse.Namespace) -> int:
     if args.drain_timeout < 0:
         raise ValueError("--drain-timeout cannot be negative")
@@ -130,15 +137,14 @@ def main(args: argparse.Namespace) -> int:
         if args.ports else None,
         front=args.front,
     )
-    # Ctrl-C or a service manager's SIGTERM: stop TorchServe and its workers with us.
+    # Ctrl-C or a service manager's SIGTERM, whenever it comes: stop TorchServe and its workers with us,
+    # answering the requests already accepted first.
     signal.signal(signal.SIGTERM, _interrupt)
-    server.start(snapshots=True, restore=args.restore)  # --no-restore starts fresh, and still records
-    logger.info("serving %s v%s at %s/predictions/%s", args.backbone, args.version, server.inference_url, args.backbone)
-    logger.info("management API at %s; keys in %s; logs in %s", server.management_url, server.key_file, server.log_dir)
-    logger.info("try: curl -H \"Authorization: Bearer $(python -c \"import json; print(json.load(open('%s'))['inference']['key'])\")\" "
-                "-T photo.jpg %s/predictions/%s", server.key_file, server.inference_url, args.backbone)
-    page = None if args.no_web else start_page(args, server, args.backbone, notice)
+    page = None
     try:
+        server.start(snapshots=True, restore=args.restore)  # --no-restore starts fresh, and still records
+        log_addresses(args.backbone, args.version, server)
+        page = None if args.no_web else start_page(args, server, args.backbone, notice)
         return server.process.wait()
     except KeyboardInterrupt:
         # The stop is bounded (--drain-timeout, then the processes): a second signal must not cut it short.
