@@ -62,7 +62,7 @@ def torchserve_executable() -> Path:
 
 
 def serving_python() -> Path:
-    """The serving environment's interpreter: it compiles backbones for the workers (imagerec/compile_backbone.py)."""
+    """The serving environment's interpreter (what workers run): benchmarks and tests measure with it."""
     return torchserve_executable().with_name("python")
 
 
