@@ -3,8 +3,8 @@
     .venv/bin/python -m benchmarks.bench_web                      # about 3 minutes on 2 cores
     .venv/bin/python -m benchmarks.bench_web --duration 5 --rounds 1   # smoke run
 
-Starts one TorchServe (efficientnet_lite0, the offline ImageNet backbone, as shipped: compiled,
-one worker) and the page server (web/server.py) beside it, then for 1 and 8 closed-loop clients
+Starts one TorchServe (efficientnet_lite0, the offline ImageNet backbone, as shipped: its ONNX
+graph on ONNX Runtime, one worker) and the page server (web/server.py) beside it, then for 1 and 8 closed-loop clients
 (one keep-alive connection each, real photos) measures three paths, interleaved in rounds so that
 other load on a shared machine falls on all of them alike:
 
@@ -136,10 +136,9 @@ def report(args, results: dict, started: str) -> str:
         "# The page's overhead on recognising (benchmarks/bench_web.py)", "",
         f"Run {started} UTC: `{command.strip()}`", "",
         f"Machine: {machine_description()}. "
-        "The machine was **shared with other helpers' builds, trainings and tests** while this ran: absolute "
-        "figures move with their load; the paths were measured interleaved, round by round, so the ratios "
-        "between them are what counts.", "",
-        f"Setup: one TorchServe serving `{MODEL}` (compiled, 1 worker, batch size 8, the shipped archive "
+        "Other processes' load (the load average above) falls on every path alike: the paths were measured "
+        "interleaved, round by round, so the ratios between them are what count.", "",
+        f"Setup: one TorchServe serving `{MODEL}` (ONNX graph on ONNX Runtime, 1 worker, batch size 8, the shipped archive "
         "settings), the page server beside it (aiohttp, one pooled keep-alive session to TorchServe). "
         f"Closed-loop clients on keep-alive connections, {args.rounds} round(s) x {args.duration:.0f} s per path "
         f"and client count after {args.warmup:.0f} s warm-up; 32 real photos "
