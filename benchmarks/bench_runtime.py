@@ -84,7 +84,7 @@ def peer_timings(spec: dict) -> dict:
     import torch
 
     from handlers.imaging import ImagePreprocessor
-    from handlers.recognizer import read_model_info
+    from handlers.layout import read_archive_info
     from handlers.backbones import get_backbone
 
     torch.set_num_threads(spec["threads"])
@@ -92,7 +92,7 @@ def peer_timings(spec: dict) -> dict:
     result = {}
     for name, model_dir in spec["models"].items():
         model_dir = Path(model_dir)
-        preprocessor = ImagePreprocessor(get_backbone(read_model_info(model_dir)["backbone"]).preprocessing)
+        preprocessor = ImagePreprocessor(get_backbone(read_archive_info(model_dir)["backbone"]).preprocessing)
         images = torch.stack([preprocessor(p.read_bytes()) for p in photos[:max(BATCHES)]])
         peers = {peer: load_peer(model_dir, peer) for peer in PEERS}
         times = {peer: {batch: [] for batch in BATCHES} for peer in PEERS}
