@@ -271,9 +271,8 @@ def report(args, built: dict, peers: dict, servers: list[dict], started: str, co
         "",
         f"Measured {started} UTC with `{command}`, on {model} ({os.cpu_count()} cores, {platform.machine()}); "
         f"flags present: {', '.join(present)}; absent: {', '.join(absent) or 'none'}. Threads per worker: "
-        f"{built['threads']}. The machine was shared with other helpers' builds and tests while this ran: "
-        "absolute figures move with their load; the ratios of peers measured side by side in one run "
-        "(interleaved rounds) are what count.",
+        f"{built['threads']}. Load average at the start {os.getloadavg()[0]:.1f}: other processes' load "
+        "moves absolute figures; peers measured side by side in one run (interleaved rounds) share it.",
         "",
         "## In-process peers (workers' environment: torch 2.13 CPU, ONNX Runtime, OpenVINO)",
         "",
