@@ -78,7 +78,7 @@ def main(args: argparse.Namespace) -> dict:
         tmp = Path(tmp)
         make_data(args.set, tmp / "photos")
         result = {"val_images": sum(1 for _ in (tmp / "photos" / "val").glob("*/*"))}
-        for run, extra in (("cold", []), ("warm", ["--weight-decay", "0.01"])):
+        for run, extra in (("cold", []), ("warm", ["--head", "linear", "--weight-decay", "0.01"])):
             seconds, report, command = run_train_head(
                 tmp / "photos", tmp / "out", "bench", run, "--backbone", args.backbone, "--cache-dir",
                 str(tmp / "features"), "--export-cache", str(tmp / "onnx"), *extra, timeout=args.timeout)
