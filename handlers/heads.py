@@ -171,9 +171,9 @@ def _holdout_mask(labels: torch.Tensor, groups: torch.Tensor, fraction: float, s
 class LinearHead(FeatureHead):
     """Softmax regression on centred, L2-normalised features.
 
-    Class-balanced cross-entropy plus weight decay, minimised full-batch with L-BFGS (its strong-Wolfe
-    line search is the step-size schedule: on a few thousand rows that converges in well under a
-    second, where SGD needs a tuned schedule and many epochs). The weight decay is chosen on a
+    Class-balanced cross-entropy plus weight decay, minimised full-batch with L-BFGS (handlers/lbfgs.py:
+    on a few thousand rows that converges in well under a second, where SGD needs a tuned schedule
+    and many epochs). The weight decay is chosen on a
     held-out part of the training images (early stopping along the regularisation path: training
     stops at the strength where held-out loss is lowest), then the head is refitted on all images.
     """
@@ -195,22 +195,24 @@ class LinearHead(FeatureHead):
         return counts.sum() / (num_classes * counts)
 
     def _solve(self, x: torch.Tensor, labels: torch.Tensor, weight_decay: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = torch.zeros(self.num_classes, x.shape[1], requires_grad=True)
-        bias = torch.zeros(self.num_classes, requires_grad=True)
-        class_weights = self._class_weights(labels, self.num_classes)
-        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
-                                      tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+        """(N, D) normalised features, (N,) labels -> weight (C, D), bias (C,) minimising class-balanced
+        cross-entropy + ``weight_decay`` * |weight|^2."""
+        from handlers.lbfgs import minimise  # training only: serving workers never fit
 
-        def closure():
-            optimizer.zero_grad()
-            loss = F.cross_entropy(x @ weight.T + bias, labels, weight=class_weights)
-            loss = loss + weight_decay * weight.pow(2).sum()
-            loss.backward()
-            return loss
+        classes, dim = self.num_classes, x.shape[1]
+        class_weights = self._class_weights(labels, classes)
+
+        def loss_and_grad(parameters: torch.Tensor) -> tuple[float, torch.Tensor]:
+            parameters = parameters.detach().requires_grad_(True)
+            weight, bias = parameters[: classes * dim].view(classes, dim), parameters[classes * dim:]
+            loss = F.cross_entropy(x @ weight.T + bias, labels, weight=class_weights) + weight_decay * weight.pow(2).sum()
+            (grad,) = torch.autograd.grad(loss, parameters)
+            return float(loss.detach()), grad
 
         with torch.enable_grad():
-            optimizer.step(closure)
-        return weight.detach(), bias.detach()
+            solution = minimise(loss_and_grad, torch.zeros(classes * dim + classes), max_iter=max_iter,
+                                history_size=20, tolerance_grad=1e-6)
+        return solution[: classes * dim].view(classes, dim).clone(), solution[classes * dim:].clone()
 
     def fit(self, features: torch.Tensor, labels: torch.Tensor, *, groups: torch.Tensor | None = None,
             weight_decay: float | None = None, holdout_fraction: float = 0.25, max_iter: int = 200,

@@ -59,8 +59,8 @@ class RecognitionHandler(BaseHandler):
         self.labels = loaded.labels
         self.info = loaded.info
         self.preprocessor = ImagePreprocessor(loaded.backbone.preprocessing)
-        # Decoding and resizing run in Pillow with the GIL released: spread a batch's images over
-        # as many threads as the worker has cores (torch's own threads are idle at that moment).
+        # Decoding, resizing (Pillow) and scaling (numpy) run with the GIL released: spread a batch's
+        # images over as many threads as the worker has cores (the backbone's threads are idle then).
         self.decode_pool = ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="decode")
         self.version = str(context.manifest.get("model", {}).get("modelVersion", self.info.get("version", "")))
         self.top_k = min(TOP_K, len(self.labels))
@@ -136,19 +136,18 @@ class RecognitionHandler(BaseHandler):
                 tensors.append(result)
                 batch.rows.append(index)
         if tensors:
-            # Normalise once per batch: the same elementwise ops as per image, one vectorised pass.
-            batch.images = self.preprocessor.normalise(torch.stack(tensors))
+            batch.images = torch.stack(tensors)
         return batch
 
     def _prepare(self, item) -> torch.Tensor | ImageError:
-        """One (index, request) -> uint8 image tensor, or its ImageError (never raised: it answers only that request)."""
+        """One (index, request) -> float32 (3, crop, crop), or its ImageError (never raised: it answers only that request)."""
         index, row = item
         # The frontend marks requests to /explanations/NAME with this header.
         if self.context.get_request_header(index, "explain") == "True":
             return ImageError("this model has no explanations; send the image to /predictions/NAME for its Top-3",
                               status=HTTPStatus.NOT_IMPLEMENTED, kind="no_explanations")
         try:
-            return self.preprocessor.geometry(request_bytes(row))
+            return self.preprocessor(request_bytes(row))
         except ImageError as error:
             return error
 

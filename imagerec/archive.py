@@ -187,7 +187,9 @@ def _run_model_archiver(name: str, version: str, stage: Path) -> None:
         "--extra-files", str(stage / "extra"),
         "--config-file", str(stage / MODEL_CONFIG_FILE),
         "--export-path", str(stage),
-        "--archive-format", "default",
+        # Stored, not deflated: the float weights that are nearly all of an archive shrink by 7% under
+        # deflate, which costs 0.06 s per MB (0.8 s of a warm train_head's 2 s budget for a 13 MB head).
+        "--archive-format", "zip-store",
     ]
     private_tmp = stage / "archiver-tmp"
     private_tmp.mkdir()

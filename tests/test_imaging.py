@@ -35,21 +35,30 @@ def test_large_jpeg_is_decoded_at_reduced_scale_but_never_below_the_model_size()
 
 
 def test_eval_preprocessing_matches_torchvision(datasets_dir, samples_dir):
-    """Our Pillow-only resize + crop + normalise gives torchvision's numbers (workers skip importing it)."""
+    """Our Pillow-only resize + crop gives torchvision's pixels (one resize of the crop's box: float
+    rounding may move a value by one 8-bit level, rarely), and our normalisation its numbers."""
     import torch
     from torchvision.transforms import v2 as T
 
     from handlers.backbones import backbone_names, get_backbone
-    from handlers.imaging import eval_transform
+    from handlers.imaging import Normalise, resize_and_crop, to_uint8_tensor
 
     photos = sorted(datasets_dir.glob("*/val/*/*"))[::25] + sorted(samples_dir.glob("*.*g"))
     for name in backbone_names():
         p = get_backbone(name).preprocessing
-        reference = T.Compose([
+        geometry = T.Compose([
             T.Resize(p.resize_size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
-            T.CenterCrop(p.crop_size), T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(p.mean, p.std),
+            T.CenterCrop(p.crop_size), T.PILToTensor(),
         ])
-        ours = eval_transform(p)
+        scale = T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(p.mean, p.std)])
+        normalise = Normalise(p)
+        differing = total = 0
         for photo in photos:
             image = decode_image(photo.read_bytes(), min_side=p.resize_size)
-            assert torch.allclose(ours(image), reference(image), atol=1e-5), (name, photo)
+            ours, reference = to_uint8_tensor(resize_and_crop(image, p)), geometry(image)
+            assert ours.shape == reference.shape == (3, p.crop_size, p.crop_size), (name, photo)
+            difference = (ours.int() - reference.int()).abs()
+            assert difference.max() <= 1, (name, photo)
+            differing, total = differing + int((difference > 0).sum()), total + difference.numel()
+            assert torch.allclose(normalise(ours), scale(ours), atol=1e-5), (name, photo)
+        assert differing / total < 0.01, (name, differing / total)

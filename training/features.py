@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from handlers.backbones import Preprocessing, get_backbone
-from handlers.imaging import decode_image, eval_transform
+from handlers.imaging import GEOMETRY_VERSION, decode_image, eval_transform
 from handlers.layout import FEATURES_GRAPH_FILE, file_sha256
 from handlers.runtime import PortableFeatures, default_engine
 from imagerec.files import atomic_write
@@ -80,7 +80,7 @@ class Augmentation:
 
 def _describe(preprocessing: Preprocessing) -> str:
     return (f"resize{preprocessing.resize_size}:crop{preprocessing.crop_size}:"
-            f"mean{preprocessing.mean}:std{preprocessing.std}")
+            f"mean{preprocessing.mean}:std{preprocessing.std}:{GEOMETRY_VERSION}")
 
 
 @dataclass

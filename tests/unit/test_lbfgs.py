@@ -1,0 +1,86 @@
+"""handlers/lbfgs.py reaches the minimum torch.optim.LBFGS reaches, on the linear head's problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from handlers.lbfgs import minimise
+
+
+def _problem(seed: int, rows: int = 120, dim: int = 64, classes: int = 5, weight_decay: float = 1e-3):
+    """Overlapping Gaussian classes, unbalanced (class-weighted loss), unit-norm rows: the head's case."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(classes).repeat_interleave(rows // classes)[: rows - 7]
+    x = F.normalize(torch.randn(classes, dim, generator=generator)[labels] + 1.5 * torch.randn(len(labels), dim, generator=generator), dim=1)
+    counts = torch.bincount(labels, minlength=classes).float()
+    class_weights = counts.sum() / (classes * counts)
+
+    def loss_of(weight, bias):
+        return F.cross_entropy(x @ weight.T + bias, labels, weight=class_weights) + weight_decay * weight.pow(2).sum()
+
+    return x, classes, loss_of
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reaches_the_minimum_of_torch_lbfgs(seed):
+    x, classes, loss_of = _problem(seed)
+    dim = x.shape[1]
+
+    def loss_and_grad(parameters):
+        parameters = parameters.detach().requires_grad_(True)
+        loss = loss_of(parameters[: classes * dim].view(classes, dim), parameters[classes * dim:])
+        return float(loss.detach()), torch.autograd.grad(loss, parameters)[0]
+
+    with torch.enable_grad():
+        ours = minimise(loss_and_grad, torch.zeros(classes * dim + classes))
+        ours_loss, ours_grad = loss_and_grad(ours)
+
+        weight = torch.zeros(classes, dim, requires_grad=True)
+        bias = torch.zeros(classes, requires_grad=True)
+        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=200, history_size=20,
+                                      tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = loss_of(weight, bias)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        reference_loss = float(loss_of(weight, bias))
+
+    start_loss = loss_and_grad(torch.zeros(classes * dim + classes))[0]
+    assert ours_loss < start_loss / 2  # it moved
+    assert ours_loss <= reference_loss + 1e-5, (ours_loss, reference_loss)
+    assert float(ours_grad.abs().max()) < 1e-3
+    # Same minimum, same classifier: the predictions agree.
+    ours_weight = ours[: classes * dim].view(classes, dim)
+    ours_bias = ours[classes * dim:]
+    assert torch.equal((x @ ours_weight.T + ours_bias).argmax(1), (x @ weight.detach().T + bias.detach()).argmax(1))
+
+
+def test_stops_at_once_on_a_minimum():
+    calls = []
+
+    def loss_and_grad(parameters):
+        calls.append(1)
+        return float((parameters ** 2).sum()), 2 * parameters
+
+    result = minimise(loss_and_grad, torch.zeros(4))
+    assert torch.equal(result, torch.zeros(4)) and len(calls) == 1
+
+
+def test_fitting_a_linear_head_does_not_import_dynamo():
+    """The reason this solver exists: torch.optim pulls in torch._dynamo and sympy (over a second)."""
+    code = ("import sys, torch; from handlers.heads import build_head; "
+            "head = build_head('linear', 16, 3); "
+            "head.fit(torch.randn(30, 16), torch.arange(3).repeat(10), weight_decay=1e-2); "
+            "print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]
