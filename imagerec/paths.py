@@ -7,6 +7,7 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIG = PROJECT_ROOT / "config.properties"
+SHIPPED_LOG_CONFIG = PROJECT_ROOT / "log4j2.xml"  # TorchServe's logging (torchserve --log-config)
 DEFAULT_MODEL_STORE = PROJECT_ROOT / "archives"
 DEFAULT_RUNTIME_DIR = PROJECT_ROOT / "runtime"  # scripts/serve.py runs TorchServe here (keys, logs, snapshots)
 DOCS_DIR = PROJECT_ROOT / "docs"

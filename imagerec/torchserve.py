@@ -26,7 +26,7 @@ import requests
 
 from imagerec.files import atomic_copy
 from imagerec.naming import validate_name, version_key
-from imagerec.paths import PROJECT_ROOT, SHIPPED_CONFIG
+from imagerec.paths import PROJECT_ROOT, SHIPPED_CONFIG, SHIPPED_LOG_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -254,6 +254,7 @@ class TorchServe:
         command = [
             str(torchserve_executable()), "--start", "--foreground",
             "--ts-config", str(self.config_path), "--model-store", str(self.model_store),
+            "--log-config", str(SHIPPED_LOG_CONFIG),
         ]
         if not snapshots:
             command.append("--ncs")
