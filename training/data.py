@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import re
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,21 +122,24 @@ def _probe(path: Path) -> tuple[str | None, str | None]:
     return hashlib.sha256(data).hexdigest(), None
 
 
+def _probe_all(paths: list[Path], unreadable: list) -> list[tuple[Path, str]]:
+    """Readable (path, sha256) pairs of ``paths``, in order; unreadable files go to ``unreadable``.
+    Decoding and hashing release the GIL: the files are probed on one thread per core."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        probes = list(pool.map(_probe, paths))
+    readable = []
+    for path, (digest, reason) in zip(paths, probes):
+        if digest is None:
+            unreadable.append((path, reason))
+        else:
+            readable.append((path, digest))
+    return readable
+
+
 def _scan(folders: dict[str, Path], classes: list[str], unreadable: list, root: Path,
           follow_links: bool = False) -> dict[str, list[tuple[Path, str]]]:
     """Readable (path, sha256) pairs per class; unreadable files go to ``unreadable``."""
-    found = {}
-    for name in classes:
-        folder = folders[name]
-        readable = []
-        for path in _files(folder, root, follow_links):
-            digest, reason = _probe(path)
-            if digest is None:
-                unreadable.append((path, reason))
-            else:
-                readable.append((path, digest))
-        found[name] = readable
-    return found
+    return {name: _probe_all(_files(folders[name], root, follow_links), unreadable) for name in classes}
 
 
 def readable_images(folder: str | Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
@@ -143,13 +148,8 @@ def readable_images(folder: str | Path) -> tuple[list[tuple[Path, str]], list[tu
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder of photos")
-    readable, unreadable = [], []
-    for path in _files(folder, folder):
-        digest, reason = _probe(path)
-        if digest is None:
-            unreadable.append((path, reason))
-        else:
-            readable.append((path, digest))
+    unreadable: list[tuple[Path, str]] = []
+    readable = _probe_all(_files(folder, folder), unreadable)
     if not readable:
         raise DataError(f"{folder} contains no readable image")
     return readable, unreadable

@@ -10,8 +10,10 @@ computes for the same file. Augmented views (random resized crop, flip, colour j
 rotation, built from the backbone's ``preprocessing``) are seeded per image and view index, so view
 ``i`` of an image is the same tensor on every run and can be cached too.
 
-Layout: ``<cache>/<weights sha[:16]>/<transform key>/<image sha[:2]>/<image sha>.pt`` holding a
-(V, D) float32 tensor: the plain view (V = 1), or augmented views 0..V-1 of that image.
+Layout: ``<cache>/<weights sha[:16]>/<transform key>/<image sha[:2]>/<image sha>.npy`` holding a
+(V, D) float32 array: the plain view (V = 1), or augmented views 0..V-1 of that image. numpy's
+format, not torch.save's: a warm train_head reads hundreds of these, and np.load takes about a
+tenth of torch.load's time per file (0.33 s against about 0.04 s for 700 files).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -35,7 +38,7 @@ from imagerec.paths import user_cache_dir
 logger = logging.getLogger(__name__)
 
 CACHE_ENV_VAR = "IMAGEREC_FEATURE_CACHE"
-CACHE_VERSION = "v1"  # bump when the file format or the meaning of a key changes
+CACHE_VERSION = "v2"  # bump when the file format or the meaning of a key changes (v2: .npy files)
 
 
 def default_cache_dir() -> Path:
@@ -76,6 +79,11 @@ class Augmentation:
 
     def describe(self, preprocessing: Preprocessing, seed: int) -> str:
         return f"aug:{self.min_scale}:{self.jitter}:{self.rotation}:seed{seed}:{_describe(preprocessing)}"
+
+
+def _save_array(path: Path, tensor: torch.Tensor) -> None:
+    with open(path, "wb") as file:  # a file object: np.save would append ".npy" to a partial file's name
+        np.save(file, tensor.detach().float().numpy(), allow_pickle=False)
 
 
 def _describe(preprocessing: Preprocessing) -> str:
@@ -166,13 +174,13 @@ class FeatureExtractor:
         return self.cache_dir / self.weights_sha256[:16] / key
 
     def _cache_file(self, key_dir: Path, image_sha: str) -> Path:
-        return key_dir / image_sha[:2] / f"{image_sha}.pt"
+        return key_dir / image_sha[:2] / f"{image_sha}.npy"
 
     def _load_cached(self, path: Path, views: int) -> torch.Tensor | None:
         if not self.use_cache or not path.is_file():
             return None
         try:
-            tensor = torch.load(path, map_location="cpu", weights_only=True)
+            tensor = torch.from_numpy(np.load(path, allow_pickle=False))
         except Exception:  # a torn write from a killed run: recompute it
             return None
         if tensor.ndim != 2 or tensor.shape[0] < views or tensor.shape[1] != self.backbone.feature_dim:
@@ -183,7 +191,7 @@ class FeatureExtractor:
         if not self.use_cache:
             return
         # Atomic: concurrent runs never read half a file.
-        atomic_write(path, lambda partial: torch.save(tensor.clone(), partial))
+        atomic_write(path, lambda partial: _save_array(partial, tensor))
 
     def extract(self, paths: list[Path], hashes: list[str] | None = None, views: int = 0, seed: int = 0,
                 description: str = "features") -> torch.Tensor:

@@ -48,7 +48,7 @@ def test_a_torn_feature_cache_file_is_recomputed(tmp_path):
         paths[-1].write_bytes(images.encode(synthetic(seed=seed), "JPEG", quality=90))
     extractor = FeatureExtractor("efficientnet_lite0", cache_dir=tmp_path / "cache", progress=False, engine="eager")
     clean = extractor.extract(paths)
-    cached = sorted((tmp_path / "cache").rglob("*.pt"))
+    cached = sorted((tmp_path / "cache").rglob("*.npy"))
     assert len(cached) == 3
     cached[0].write_bytes(cached[0].read_bytes()[:100])  # torn
     again = FeatureExtractor("efficientnet_lite0", cache_dir=tmp_path / "cache", progress=False, engine="eager")
