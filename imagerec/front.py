@@ -16,6 +16,11 @@ so a storm of large photos does not refuse a small one.
 Everything else passes through unchanged: paths, query, Authorization and other headers, TorchServe's
 status, body and headers (X-Model-Version). A 503 from TorchServe itself (its job queue full) also
 gets a Retry-After.
+
+Stopping (``DRAIN_SIGNAL``, sent by ``TorchServe.refuse_new_requests``): from then on every new
+request is answered 503 + Retry-After + ``Connection: close`` (a client retries, or goes to another
+replica), while the requests already admitted go on to TorchServe and are answered. ``STATUS_PATH``
+tells how many are still in flight: TorchServe's stop waits for zero.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import signal
 from dataclasses import dataclass
 
 import aiohttp
@@ -42,6 +48,9 @@ DRAIN_CHUNK = 256 * 1024
 # Paths whose body is an image for the model (TorchServe's inference API).
 IMAGE_PATHS = ("/predictions/", "/explanations/")
 FORM_URLENCODED = "application/x-www-form-urlencoded"
+DRAIN_SIGNAL = signal.SIGUSR1  # stop admitting requests; answer the admitted ones
+# The front's own state (JSON: requests in flight, draining); TorchServe has no path like it.
+STATUS_PATH = "/front/status"
 _PART_NAME = re.compile(rb'(?im)^content-disposition:[^\r\n]*?[;\s]name="([^"]*)"')
 
 
@@ -94,8 +103,18 @@ class AdmissionFront:
     def __init__(self, upstream: str, limits: FrontLimits = FrontLimits()):
         self.upstream = upstream.rstrip("/")
         self.limits = limits
-        self.inflight = 0
+        self.inflight = 0  # bytes admitted and not yet answered
+        self.inflight_requests = 0
+        self.draining = False
         self.session: aiohttp.ClientSession | None = None
+
+    def start_draining(self) -> None:
+        if not self.draining:
+            logger.info("draining: refusing new requests; %d in flight", self.inflight_requests)
+        self.draining = True
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response({"inflight_requests": self.inflight_requests, "draining": self.draining})
 
     def _cost(self, request: web.Request) -> int:
         # A body of unknown length (chunked) may be as large as the limit allows.
@@ -127,6 +146,11 @@ class AdmissionFront:
             pass
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.draining:
+            await self._drain(request)
+            response = self._error(503, "server is shutting down; retry after the Retry-After seconds", retry=True)
+            response.force_close()  # Connection: close, so a keep-alive client reconnects (elsewhere)
+            return response
         cost = self._cost(request)
         if request.content_length is not None and request.content_length > self.limits.max_body_bytes:
             await self._drain(request)
@@ -145,10 +169,12 @@ class AdmissionFront:
                         self.inflight)
             return self._error(503, "server busy with other uploads; retry after the Retry-After seconds",
                                retry=True)
+        self.inflight_requests += 1
         try:
             return await self._forward(request)
         finally:
             self.inflight -= cost
+            self.inflight_requests -= 1
 
     async def _forward(self, request: web.Request) -> web.Response:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -187,6 +213,7 @@ class AdmissionFront:
     async def on_startup(self, app: web.Application) -> None:
         timeout = aiohttp.ClientTimeout(total=self.limits.upstream_timeout_s)
         self.session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+        asyncio.get_running_loop().add_signal_handler(DRAIN_SIGNAL, self.start_draining)
 
     async def on_cleanup(self, app: web.Application) -> None:
         await self.session.close()
@@ -203,6 +230,7 @@ def _boundary(request: web.Request) -> str:
 def build_app(upstream: str, limits: FrontLimits = FrontLimits()) -> web.Application:
     front = AdmissionFront(upstream, limits)
     app = web.Application(client_max_size=limits.max_body_bytes)
+    app.router.add_get(STATUS_PATH, front.status)
     app.router.add_route("*", "/{tail:.*}", front.handle)
     app.on_startup.append(front.on_startup)
     app.on_cleanup.append(front.on_cleanup)

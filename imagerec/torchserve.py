@@ -381,13 +381,21 @@ class TorchServe:
         return entries
 
     def refuse_new_requests(self) -> None:
-        """From now on every new inference request is answered at once (HTTP 400, token authorization
-        failed) instead of being queued; the requests already accepted are not affected.
+        """From now on every new inference request is answered at once instead of being queued; the
+        requests already accepted are not affected.
 
-        TorchServe 0.12 has no switch to stop taking requests without closing connections (its own
-        SIGTERM handling closes every connection, queued and running requests included), so this
-        replaces the inference key (POST /token?type=inference; key_file.json gets the new one).
+        With the admission front: the front answers them 503 + Retry-After (``DRAIN_SIGNAL``).
+        Without it, TorchServe 0.12 has no switch to stop taking requests without closing connections
+        (its own SIGTERM handling closes every connection, queued and running requests included), so
+        the inference key is replaced (POST /token?type=inference; key_file.json gets the new one):
+        new requests get 400, token authorization failed. The front never needs the key replaced,
+        which could refuse a request it had admitted but not yet finished passing on.
         """
+        if self.front_process is not None and self.front_process.poll() is None:
+            from imagerec.front import DRAIN_SIGNAL  # aiohttp is imported only where a front runs
+
+            self.front_process.send_signal(DRAIN_SIGNAL)
+            return
         response = requests.post(self.management_url + "/token", params={"type": "inference"},
                                  headers=auth_header(self.keys["API"]), timeout=DEFAULT_TIMEOUT_S)
         if response.status_code != 200:
@@ -396,12 +404,16 @@ class TorchServe:
     def drain(self, timeout: float = DEFAULT_DRAIN_TIMEOUT_S, grace: float = DRAIN_GRACE_S) -> bool:
         """Take no new request and answer every accepted one; True if done within ``timeout``.
 
-        New requests are refused at once (``refuse_new_requests``); then every version's queue
-        (jobQueueStatus.pendingRequests) is waited empty, a SENTINEL per worker goes through it, and
-        versions with more than one worker get ``grace`` seconds more (see SENTINEL).
+        New requests are refused at once (``refuse_new_requests``). With the admission front, every
+        accepted request passed through it and is answered through it: done when it has none in
+        flight. Without it, every version's queue (jobQueueStatus.pendingRequests) is waited empty,
+        a SENTINEL per worker goes through it, and versions with more than one worker get ``grace``
+        seconds more (see SENTINEL).
         """
         deadline = time.monotonic() + timeout
         self.refuse_new_requests()
+        if self.front_process is not None and self.front_process.poll() is None:
+            return self._drain_front(deadline)
         inference_key = self.keys["inference"]
         busy = self.versions()
         while busy and time.monotonic() < deadline:
@@ -410,7 +422,7 @@ class TorchServe:
                 path = f"/predictions/{entry['modelName']}/{entry['modelVersion']}"
                 for _ in entry.get("workers", []):
                     try:
-                        requests.put(self.inference_url + path, data=SENTINEL, headers=auth_header(inference_key),
+                        requests.put(self.upstream_url + path, data=SENTINEL, headers=auth_header(inference_key),
                                      timeout=max(1.0, deadline - time.monotonic()))
                     except requests.RequestException as error:
                         logger.warning("drain: sentinel to %s failed: %s", path, error)
@@ -426,6 +438,23 @@ class TorchServe:
             logger.warning("drain: requests still queued after %.0f s: %s", timeout,
                            ", ".join(f"{e['modelName']} v{e['modelVersion']}" for e in busy))
         return not busy
+
+    def _drain_front(self, deadline: float) -> bool:
+        """Wait until the draining front has answered every request it admitted."""
+        from imagerec.front import STATUS_PATH
+
+        in_flight = None
+        while time.monotonic() < deadline:
+            try:
+                in_flight = requests.get(self.inference_url + STATUS_PATH, timeout=DEFAULT_TIMEOUT_S).json()["inflight_requests"]
+            except (requests.RequestException, ValueError, KeyError) as error:
+                logger.warning("drain: cannot read the front's state: %s", error)
+                return False
+            if in_flight == 0:
+                return True
+            time.sleep(0.1)
+        logger.warning("drain: %s requests still in flight in the front at the deadline", in_flight)
+        return False
 
     def stop(self, timeout: float = 30.0, drain_timeout: float = 0.0) -> None:
         """Stop the frontend and all workers, and wait until every one of them has exited.

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
@@ -257,6 +258,39 @@ def test_sigterm_to_serve_py_under_load_answers_every_request_sent_before_it(eff
         if serve.poll() is None:
             serve.kill()
         log.close()
+
+
+def test_a_stopping_server_answers_new_requests_503_with_retry_after_and_finishes_the_admitted(
+        efficientnet_archive, tmp_path):
+    """Behind the admission front, a stop refuses new requests with 503 + Retry-After (a client
+    retries, or goes to another replica), not TorchServe's 400 of a replaced key, and every request
+    the front had admitted is still answered 200."""
+    store = tmp_path / "store"
+    install_archive(efficientnet_archive, store)
+    server = TorchServe(model_store=store, workdir=tmp_path / "work", models=f"efficientnet_lite0={efficientnet_archive.name}",
+                        front=True)
+    photo = images.encode(images.sample("grace_hopper.jpg"), "JPEG")
+    with server:
+        key = server.keys["inference"]
+        with ThreadPoolExecutor(8) as pool:
+            sent = [pool.submit(server.predict, "efficientnet_lite0", photo, timeout=60) for _ in range(8)]
+            in_flight, deadline = 0, time.monotonic() + 30
+            while in_flight == 0 and time.monotonic() < deadline:  # until the front holds some
+                in_flight = requests.get(server.inference_url + "/front/status", timeout=5).json()["inflight_requests"]
+            server.refuse_new_requests()
+            late = server.predict("efficientnet_lite0", photo, timeout=60)
+            statuses = [future.result().status_code for future in sent]
+        assert late.status_code == 503, late.text
+        assert late.headers.get("Retry-After", "").isdigit() and "shutting down" in late.json()["message"]
+        assert late.headers.get("Connection", "").lower() == "close"
+        # Sent before the refusal: answered, or refused like the late one if they reached the front
+        # after it; never anything else (a replaced key answered admitted requests 400).
+        assert set(statuses) <= {200, 503}, statuses
+        assert in_flight >= 1 and statuses.count(200) >= in_flight, (in_flight, statuses)
+        assert server.keys["inference"] == key  # the key was not replaced: nothing admitted can be refused
+        assert server.drain(timeout=30)
+        assert requests.get(server.inference_url + "/front/status", timeout=5).json() == {
+            "inflight_requests": 0, "draining": True}
 
 
 def test_a_port_in_use_is_named_before_torchserve_starts(tmp_path):
