@@ -69,7 +69,7 @@ def ort_spinning() -> bool:
     forward pass (never after it: force_spinning_stop). On a quiet machine that made
     efficientnet_lite0 25% faster at batch 1 and 13% at batch 8; with other work on the same cores it
     was much slower, so the default stays "0" (docs/bench/runtime.md)."""
-    value = os.environ.get(SPINNING_VAR, "0")
+    value = os.environ.get(SPINNING_VAR) or "0"  # empty: unset
     if value not in ("0", "1"):
         raise ValueError(f"{SPINNING_VAR}={value!r}: choose 0 or 1")
     return value == "1"
