@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from handlers.heads import HEADS, build_head
-from handlers.rejection import KnnRejection, validate_keep
+from handlers.rejection import KnnRejection, unbiased_lower_quantile, validate_keep
 from training.auto_head import Candidate, candidates, choose_head, stratified_folds
 from training.evaluation import auroc, fpr_at_keep, openset_confusion
 
@@ -69,6 +69,27 @@ def test_rule_calibration_keeps_the_asked_share_of_training_photos_and_never_sco
     # Photos of another kind score lower than training photos: most of them fall below the threshold.
     assert float((rule.score(others) < rule.threshold).float().mean()) > 0.9
     assert float((rule.score(features) >= rule.threshold).float().mean()) >= 0.9
+
+
+def test_threshold_order_statistic_is_at_position_k_plus_1_times_share_clamped_to_the_scores():
+    scores = torch.arange(1.0, 100.0)  # 99 sorted scores 1..99
+    assert unbiased_lower_quantile(scores, 0.05) == 5.0  # position 100 * 0.05
+    assert abs(unbiased_lower_quantile(scores, 0.055) - 5.5) < 1e-9
+    assert unbiased_lower_quantile(scores, 0.001) == 1.0 and unbiased_lower_quantile(scores, 0.999) == 99.0
+    assert unbiased_lower_quantile(torch.tensor([0.25]), 0.05) == 0.25
+
+
+def test_calibrated_threshold_keeps_the_asked_share_of_unseen_photos_drawn_like_the_training_photos():
+    # Uniform scores: the share of unseen photos below a threshold t is t itself, so the mean threshold
+    # over many draws of 100 calibration photos is the expected share rejected. torch.quantile's
+    # default (position 1 + 99 * 0.05) rejects 0.059 of them on average instead of 0.05.
+    generator = torch.Generator().manual_seed(0)
+    rule = KnnRejection(1)
+    rejected = []
+    for _ in range(4000):
+        rule.calibration = torch.rand(100, generator=generator).sort().values
+        rejected.append(rule.threshold_for(0.95))
+    assert abs(sum(rejected) / len(rejected) - 0.05) < 0.002
 
 
 def test_rule_score_is_cosine_to_the_nearest_bank_row():
