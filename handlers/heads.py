@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from handlers.rejection import DEFAULT_KEEP, KnnRejection
+from handlers.rejection import DEFAULT_KEEP, KnnRejection, rule_for_labels, rule_for_state
 
 
 class FeatureHead(nn.Module, abc.ABC):
@@ -62,9 +62,13 @@ class FeatureHead(nn.Module, abc.ABC):
         self.center.copy_(self.transform(features).mean(dim=0))
         return self.normalise(features)
 
-    def fit_rejection(self, features: torch.Tensor, groups: torch.Tensor, keep: float = DEFAULT_KEEP) -> dict:
-        """Fit the rejection rule on (M, D) training rows and their (M,) image ids (see KnnRejection)."""
-        return self.rejection.fit(features, groups, keep)
+    def fit_rejection(self, features: torch.Tensor, groups: torch.Tensor, keep: float = DEFAULT_KEEP,
+                      labels: torch.Tensor | None = None) -> dict:
+        """Fit the rejection rule on (M, D) training rows, their (M,) image ids and (M,) labels: the
+        relative Mahalanobis rule where every class has enough photos, else (or without labels) kNN
+        (handlers/rejection.py)."""
+        self.rejection = rule_for_labels(self.feature_dim, labels)
+        return self.rejection.fit(features, groups, keep, labels)
 
     def known_score(self, features: torch.Tensor) -> torch.Tensor:
         """(N, D) backbone features -> (N,) rejection score (higher: more like the training photos)."""
@@ -73,6 +77,8 @@ class FeatureHead(nn.Module, abc.ABC):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Archives made before the power transform existed have no power: theirs was 1.
         state_dict.setdefault(prefix + "power", torch.tensor(1.0))
+        # The rule's kind (and its buffers' sizes) come from the saved state: kNN archives load as before.
+        self.rejection = rule_for_state(state_dict, prefix + "rejection.", self.feature_dim)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
