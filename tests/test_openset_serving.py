@@ -90,8 +90,9 @@ def test_auto_records_its_choice_and_the_rule_in_the_manifest(trained):
     assert len(scores) >= 4 and choice["auto"]["folds"] >= 2
     assert choice["auto"]["chosen_score"]["accuracy"] >= max(s["accuracy"] for s in scores.values()) - 0.0051
     rule = info["rejection"]
-    assert rule["score"] == "knn" and rule["keep"] == KEEP and rule["calibration_photos"] == 20 * len(CLASSES)
-    assert rule["threshold"] > 0
+    # 20 photos per class: the relative Mahalanobis rule (kNN below RelativeMahalanobisRejection.MIN_PHOTOS).
+    assert rule["score"] == "rmd" and rule["keep"] == KEEP and rule["calibration_photos"] == 20 * len(CLASSES)
+    assert isinstance(rule["threshold"], float)
     openset = trained["report1"]["metrics"]["openset"]
     assert openset["unknown_photos"] > 100 and openset["auroc"] > 0.9 and openset["unknown_rejected"] > 0.8
     assert len(openset["confusion"]) == len(CLASSES) + 1 and len(openset["confusion"][0]) == len(CLASSES) + 1
