@@ -85,7 +85,7 @@ def test_auto_records_its_choice_and_the_rule_in_the_manifest(trained):
     info = read_archive_info(trained["v1"])
     choice = info["head_choice"]
     assert choice["requested"] == "auto" and choice["chosen"] == info["head"]["type"]
-    assert choice["chosen"] in ("linear", "prototype") and choice["power"] in (1.0, 0.5)
+    assert choice["chosen"] in ("linear", "prototype", "ensemble") and choice["power"] in (1.0, 0.5)
     scores = choice["auto"]["cross_validated"]
     assert len(scores) >= 4 and choice["auto"]["folds"] >= 2
     assert choice["auto"]["chosen_score"]["accuracy"] >= max(s["accuracy"] for s in scores.values()) - 0.0051

@@ -257,8 +257,8 @@ def test_auto_chooses_from_the_candidates_by_cross_validation_and_falls_back_at_
     choice, report = choose_head(features, None, labels, 3, space=FAST_SPACE)
     assert choice in FAST_SPACE
     assert report["folds"] == 4 and len(report["cross_validated"]) == len(FAST_SPACE)
-    assert {c.kind for c in candidates(has_views=True)} == {"linear", "prototype"}
-    assert all(c.views for c in candidates(has_views=True) if c.kind == "linear")
+    assert {c.kind for c in candidates(has_views=True)} == {"linear", "prototype", "ensemble"}
+    assert all(c.views for c in candidates(has_views=True) if c.kind in ("linear", "ensemble"))
     assert report["chosen_score"]["accuracy"] == max(s["accuracy"] for s in report["cross_validated"].values()) or \
         report["chosen_score"]["accuracy"] >= max(s["accuracy"] for s in report["cross_validated"].values()) - 0.005
     one_shot, report = choose_head(features[::20], None, labels[::20], 3)
