@@ -67,14 +67,15 @@ def _rejected(server, photos, version, keep=None) -> list[bool]:
 
 @pytest.fixture(scope="module")
 def trained(datasets_dir, tmp_path_factory, empty_server_factory):
-    """One server; v1: auto head with the rule at keep 0.9 (measured on hymenoptera photos), v2: --keep 1."""
+    """One server; v1: auto head with the rule at keep 0.9 (measured on hymenoptera photos), v2: an
+    ensemble head at --keep 1."""
     root = tmp_path_factory.mktemp("openset")
     data = make_subset(datasets_dir, root / "data", classes=CLASSES, train=20, val=VAL_PER_CLASS,
                        layout="train/val", dataset="clothing10")
     server = empty_server_factory()
     unknown_dir = datasets_dir / "hymenoptera" / "val"
     v1, report1 = _train(data, root / "out", "1", server, "--keep", str(KEEP), "--unknown", str(unknown_dir))
-    v2, report2 = _train(data, root / "out", "2", server, "--keep", "1", "--head", "prototype")
+    v2, report2 = _train(data, root / "out", "2", server, "--keep", "1", "--head", "ensemble")
     own = sorted(p for cls in CLASSES for p in sorted((data / "val" / cls).iterdir()))
     others = sorted((datasets_dir / "hymenoptera" / "val" / "bees").iterdir())[:8] + \
         sorted((datasets_dir / "signdigits10" / "val").rglob("*.*"))[:8]
@@ -85,13 +86,14 @@ def test_auto_records_its_choice_and_the_rule_in_the_manifest(trained):
     info = read_archive_info(trained["v1"])
     choice = info["head_choice"]
     assert choice["requested"] == "auto" and choice["chosen"] == info["head"]["type"]
-    assert choice["chosen"] in ("linear", "prototype") and choice["power"] in (1.0, 0.5)
+    assert choice["chosen"] in ("linear", "prototype", "ensemble") and choice["power"] in (1.0, 0.5)
     scores = choice["auto"]["cross_validated"]
     assert len(scores) >= 4 and choice["auto"]["folds"] >= 2
     assert choice["auto"]["chosen_score"]["accuracy"] >= max(s["accuracy"] for s in scores.values()) - 0.0051
     rule = info["rejection"]
-    assert rule["score"] == "knn" and rule["keep"] == KEEP and rule["calibration_photos"] == 20 * len(CLASSES)
-    assert rule["threshold"] > 0
+    # 20 photos per class: the relative Mahalanobis rule (kNN below RelativeMahalanobisRejection.MIN_PHOTOS).
+    assert rule["score"] == "rmd" and rule["keep"] == KEEP and rule["calibration_photos"] == 20 * len(CLASSES)
+    assert isinstance(rule["threshold"], float)
     openset = trained["report1"]["metrics"]["openset"]
     assert openset["unknown_photos"] > 100 and openset["auroc"] > 0.9 and openset["unknown_rejected"] > 0.8
     assert len(openset["confusion"]) == len(CLASSES) + 1 and len(openset["confusion"][0]) == len(CLASSES) + 1
@@ -134,8 +136,11 @@ def test_a_keep_header_changes_the_answer_and_bad_values_get_400_alone(trained):
 def test_keep_1_rejects_nothing_but_a_request_can_still_ask(trained):
     server = trained["server"]
     assert read_archive_info(trained["v2"])["rejection"]["keep"] == 1.0
-    assert read_archive_info(trained["v2"])["head_choice"] == {"requested": "prototype", "chosen": "prototype",
+    # v2 is also the served ensemble head (linear + prototype probabilities averaged).
+    assert read_archive_info(trained["v2"])["head_choice"] == {"requested": "ensemble", "chosen": "ensemble",
                                                                 "power": 1.0}
+    answer = _ask(server, NAME, trained["own"][0], "2").json()
+    assert answer[0]["label"] in CLASSES and sum(entry["probability"] for entry in answer) == pytest.approx(1.0, abs=1e-3)
     assert not any(_rejected(server, trained["others"] + trained["own"][:5], "2"))
     assert trained["report2"]["metrics"]["openset"]["known_kept"] == 1.0
     assert sum(_rejected(server, trained["others"], "2", keep="0.9")) >= 0.8 * len(trained["others"])

@@ -112,7 +112,7 @@ def test_train_head_writes_archive_report_and_reuses_cache(datasets_dir, tmp_pat
 
     archive = out / "bees_ants_v1.mar"
     info = read_archive_info(archive)
-    assert info["classes"] == ["ants", "bees"] and info["head"]["type"] in ("linear", "prototype")
+    assert info["classes"] == ["ants", "bees"] and info["head"]["type"] in ("linear", "prototype", "ensemble")
     assert info["head_choice"]["requested"] == "auto" and info["head_choice"]["chosen"] == info["head"]["type"]
     assert info["backbone"] == "efficientnet_lite0" and len(info["weights_sha256"]) == 64
     assert len(info["data"]["fingerprint"]) == 64

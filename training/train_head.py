@@ -209,9 +209,10 @@ def fit_head(kind: str, feature_dim: int, num_classes: int, features: dict, args
         rows, row_labels, groups = (training_rows(features["plain"], None, features["photo_labels"]) if plain_only
                                     else (features["train"], features["train_labels"], features["groups"]))
         summary.update(head.fit(rows, row_labels, groups=groups, seed=args.seed, **choice.fit_options()))
-        # The rule's bank holds each training photo's plain view: augmented views in the bank measured
-        # no better (docs/bench/openset.md) and would triple the archive's share of it.
-        summary["rejection"] = head.fit_rejection(features["plain"], torch.arange(len(features["plain"])), args.keep)
+        # The rule is fitted on each training photo's plain view: augmented views measured no better
+        # (docs/bench/openset.md) and would triple the archive's share of it.
+        summary["rejection"] = head.fit_rejection(features["plain"], torch.arange(len(features["plain"])), args.keep,
+                                                  labels=features["photo_labels"])
     return head.eval(), summary
 
 

@@ -25,10 +25,12 @@ def test_head_fits_generalises_and_round_trips(kind):
     features, labels = _blobs()
     head = build_head(kind, features.shape[1], 3)
     summary = head.fit(features, labels)
-    if kind == "linear":
-        assert summary["weight_decay"] in LinearHead.WEIGHT_DECAYS and summary["train_accuracy"] >= 0.95
-    else:
-        assert summary["scale"] > 1.0  # a fitted temperature, not the initial value's neighbourhood of 0
+    members = summary if kind == "ensemble" else {kind: summary}
+    if "linear" in members:
+        assert members["linear"]["weight_decay"] in LinearHead.WEIGHT_DECAYS
+        assert members["linear"]["train_accuracy"] >= 0.95
+    if "prototype" in members:
+        assert members["prototype"]["scale"] > 1.0  # a fitted temperature, not the initial value's neighbourhood of 0
     assert head(features).shape == (len(labels), 3)
     fresh, fresh_labels = _blobs(noise_seed=1)  # same classes, new samples
     assert (head(fresh).argmax(1) == fresh_labels).float().mean() >= 0.9
@@ -81,3 +83,20 @@ def test_evaluation_metrics_and_confusion_png(tmp_path):
 def test_class_name_normalisation():
     assert normalised_class_name("T-Shirt") == normalised_class_name("t_shirt") == normalised_class_name(" t shirt")
     assert normalised_class_name("shirt") != normalised_class_name("t-shirt")
+
+
+def test_ensemble_averages_its_members_probabilities_and_fits_class_means_on_plain_views_only():
+    features, labels = _blobs()
+    views = features + torch.randn(features.shape, generator=torch.Generator().manual_seed(7)) * 3.0
+    rows, row_labels = torch.cat([features, views]), torch.cat([labels, labels])
+    groups = torch.cat([torch.arange(len(labels))] * 2)
+    head = build_head("ensemble", features.shape[1], 3)
+    head.fit(rows, row_labels, groups=groups, power=0.5, weight_decay=1e-2)
+    members = head.members
+    fresh, _ = _blobs(noise_seed=2)
+    expected = (members["linear"](fresh).softmax(1) + members["prototype"](fresh).softmax(1)) / 2
+    assert torch.allclose(head(fresh).softmax(1), expected, atol=1e-6)
+    alone = build_head("prototype", features.shape[1], 3)
+    alone.fit(features, labels, power=0.5)
+    assert torch.allclose(members["prototype"].prototypes, alone.prototypes, atol=1e-6)
+    assert float(head.power) == 0.5 and members["linear"].power == 0.5

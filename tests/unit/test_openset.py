@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from handlers.heads import HEADS, build_head
-from handlers.rejection import KnnRejection, validate_keep
+from handlers.rejection import (KnnRejection, RelativeMahalanobisRejection, rule_for_labels,
+                                unbiased_lower_quantile, validate_keep)
 from training.auto_head import Candidate, candidates, choose_head, stratified_folds
 from training.evaluation import auroc, fpr_at_keep, openset_confusion
 
@@ -71,6 +72,27 @@ def test_rule_calibration_keeps_the_asked_share_of_training_photos_and_never_sco
     assert float((rule.score(features) >= rule.threshold).float().mean()) >= 0.9
 
 
+def test_threshold_order_statistic_is_at_position_k_plus_1_times_share_clamped_to_the_scores():
+    scores = torch.arange(1.0, 100.0)  # 99 sorted scores 1..99
+    assert unbiased_lower_quantile(scores, 0.05) == 5.0  # position 100 * 0.05
+    assert abs(unbiased_lower_quantile(scores, 0.055) - 5.5) < 1e-9
+    assert unbiased_lower_quantile(scores, 0.001) == 1.0 and unbiased_lower_quantile(scores, 0.999) == 99.0
+    assert unbiased_lower_quantile(torch.tensor([0.25]), 0.05) == 0.25
+
+
+def test_calibrated_threshold_keeps_the_asked_share_of_unseen_photos_drawn_like_the_training_photos():
+    # Uniform scores: the share of unseen photos below a threshold t is t itself, so the mean threshold
+    # over many draws of 100 calibration photos is the expected share rejected. torch.quantile's
+    # default (position 1 + 99 * 0.05) rejects 0.059 of them on average instead of 0.05.
+    generator = torch.Generator().manual_seed(0)
+    rule = KnnRejection(1)
+    rejected = []
+    for _ in range(4000):
+        rule.calibration = torch.rand(100, generator=generator).sort().values
+        rejected.append(rule.threshold_for(0.95))
+    assert abs(sum(rejected) / len(rejected) - 0.05) < 0.002
+
+
 def test_rule_score_is_cosine_to_the_nearest_bank_row():
     bank = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     rule = KnnRejection(2)
@@ -84,6 +106,85 @@ def test_unfitted_rule_rejects_nothing():
     rule = KnnRejection(4)
     assert not rule.fitted
     assert torch.isinf(rule.score(torch.randn(3, 4))).all() and rule.threshold_for(0.5) == -math.inf
+
+
+def _gaussian_classes(generator, num_classes=3, per_class=30, dim=24):
+    """Photos of ``num_classes`` Gaussian classes (non-negative, like post-ReLU features) and a
+    sampler of more photos of the same classes or of a class the rule never saw."""
+    centres = torch.randn(num_classes + 1, dim, generator=generator) * 1.5 + 6.0
+    spread = torch.rand(dim, generator=generator) * 1.5 + 0.2  # anisotropic: Mahalanobis differs from cosine
+
+    def draw(label_list):
+        labels = torch.tensor(label_list)
+        return (centres[labels] + torch.randn(len(labels), dim, generator=generator) * spread).relu(), labels
+
+    features, labels = draw([c for c in range(num_classes) for _ in range(per_class)])
+    return features, labels, draw
+
+
+def test_relative_mahalanobis_score_matches_the_full_shrunk_covariance_formula():
+    generator = torch.Generator().manual_seed(5)
+    features, labels, draw = _gaussian_classes(generator)
+    rule = RelativeMahalanobisRejection(features.shape[1])
+    summary = rule.fit(features, torch.arange(len(labels)), keep=0.9, labels=labels)
+    assert summary["score"] == "rmd" and summary["calibration_photos"] == len(labels)
+    queries, _ = draw([0, 1, 2, 3] * 5)
+
+    z, zq = rule.embed(features), rule.embed(queries)
+    s = rule.SHRINKAGE
+
+    def precision(residuals):
+        covariance = residuals.T @ residuals / len(residuals)
+        return torch.linalg.inv((1 - s) * covariance + s * covariance.diagonal().mean() * torch.eye(z.shape[1]))
+
+    means = torch.stack([z[labels == c].mean(0) for c in range(3)])
+    within, background = precision(z - means[labels]), precision(z - z.mean(0))
+    per_class = torch.stack([((zq - m) @ within * (zq - m)).sum(1) for m in means], 1)
+    to_all = ((zq - z.mean(0)) @ background * (zq - z.mean(0))).sum(1)
+    expected = -(per_class - to_all[:, None]).min(1).values
+    assert torch.allclose(rule.score(queries), expected, rtol=1e-3, atol=1e-2)
+
+
+def test_relative_mahalanobis_calibration_keeps_the_asked_share_of_unseen_photos_and_rejects_an_unseen_class():
+    generator = torch.Generator().manual_seed(6)
+    features, labels, draw = _gaussian_classes(generator)
+    rule = rule_for_labels(features.shape[1], labels)
+    assert isinstance(rule, RelativeMahalanobisRejection)
+    rule.fit(features, torch.arange(len(labels)), keep=0.9, labels=labels)
+    known, _ = draw([c for c in range(3) for _ in range(1000)])
+    unseen_class, _ = draw([3] * 300)
+    kept = float((rule.score(known) >= rule.threshold).float().mean())
+    assert 0.85 <= kept <= 0.95, kept
+    assert float((rule.score(unseen_class) < rule.threshold).float().mean()) > 0.9
+
+
+def test_rule_falls_back_to_knn_below_the_photos_per_class_the_mahalanobis_rule_needs():
+    features, labels, _ = _blobs(per_class=RelativeMahalanobisRejection.MIN_PHOTOS)
+    assert isinstance(rule_for_labels(features.shape[1], labels), RelativeMahalanobisRejection)
+    few = labels.clone()
+    few[0] = 1  # class 0 now has one photo fewer than the minimum
+    assert isinstance(rule_for_labels(features.shape[1], few), KnnRejection)
+    assert isinstance(rule_for_labels(features.shape[1], None), KnnRejection)
+    head = build_head("prototype", features.shape[1], 3)
+    head.fit(features, few)
+    assert head.fit_rejection(features, torch.arange(len(few)), 0.9, labels=few)["score"] == "knn"
+
+
+@pytest.mark.parametrize("kind", sorted(HEADS))
+def test_head_state_round_trips_the_mahalanobis_rule(kind):
+    features, labels, others = _blobs()
+    head = build_head(kind, features.shape[1], 3)
+    head.fit(features, labels, **({"weight_decay": 1e-2} if kind == "linear" else {}))
+    assert head.fit_rejection(features, torch.arange(len(labels)), keep=0.8, labels=labels)["score"] == "rmd"
+    loaded = build_head(kind, features.shape[1], 3)
+    loaded.load_state_dict(head.state_dict())  # strict
+    assert isinstance(loaded.rejection, RelativeMahalanobisRejection) and loaded.rejection.fitted
+    assert torch.equal(loaded.known_score(others), head.known_score(others))
+    assert loaded.rejection.threshold_for(0.7) == head.rejection.threshold_for(0.7)
+    # A head fitted with the kNN rule (an archive made before the Mahalanobis rule) still loads as kNN.
+    head.fit_rejection(features, torch.arange(len(labels)), keep=0.8)
+    loaded.load_state_dict(head.state_dict())
+    assert isinstance(loaded.rejection, KnnRejection) and torch.equal(loaded.known_score(others), head.known_score(others))
 
 
 @pytest.mark.parametrize("kind", sorted(HEADS))
@@ -156,8 +257,8 @@ def test_auto_chooses_from_the_candidates_by_cross_validation_and_falls_back_at_
     choice, report = choose_head(features, None, labels, 3, space=FAST_SPACE)
     assert choice in FAST_SPACE
     assert report["folds"] == 4 and len(report["cross_validated"]) == len(FAST_SPACE)
-    assert {c.kind for c in candidates(has_views=True)} == {"linear", "prototype"}
-    assert all(c.views for c in candidates(has_views=True) if c.kind == "linear")
+    assert {c.kind for c in candidates(has_views=True)} == {"linear", "prototype", "ensemble"}
+    assert all(c.views for c in candidates(has_views=True) if c.kind in ("linear", "ensemble"))
     assert report["chosen_score"]["accuracy"] == max(s["accuracy"] for s in report["cross_validated"].values()) or \
         report["chosen_score"]["accuracy"] >= max(s["accuracy"] for s in report["cross_validated"].values()) - 0.005
     one_shot, report = choose_head(features[::20], None, labels[::20], 3)
