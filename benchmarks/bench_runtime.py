@@ -42,7 +42,7 @@ from imagerec.paths import DATASETS_DIR, DOCS_DIR, PROJECT_ROOT
 
 logger = logging.getLogger("bench_runtime")
 
-PEERS = ("eager fp32", "eager bf16", "onnxruntime fp32", "openvino fp32", "openvino bf16")
+PEERS = ("eager fp32", "eager bf16", "onnxruntime fp32", "onnxruntime fp32 spinning", "openvino fp32", "openvino bf16")
 # The served default's work without the serving path: photo bytes decoded and prepared on the
 # handler's threads (its own code), then the forward pass. Served / this = what HTTP, TorchServe's
 # frontend, batching and the worker protocol cost; the forward-only peers above leave decoding out.
@@ -50,7 +50,9 @@ END_TO_END = "onnxruntime fp32 from photo bytes"
 BATCHES = (1, 8, 16)
 # "default": the worker chooses (ONNX Runtime for fp32, OpenVINO for bf16 on AMX); it also answers
 # the ImageNet photos. "openvino": every model on OpenVINO, its peer.
-SERVED_ENGINES = ("default", "openvino")
+# Served variants: the default, and the environment switches of handlers/runtime.py.
+SERVED_ENGINES = {"default": {}, "openvino": {"IMAGEREC_BACKBONE_RUNTIME": "openvino"},
+                  "onnxruntime spinning": {"IMAGEREC_ORT_SPINNING": "1"}}
 MEMORY_SETTLE_S = 4.0  # the handler trims freed memory after 2 s idle
 
 
@@ -75,10 +77,20 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def load_peer(model_dir: Path, peer: str):
+    """``peer``: "ENGINE PRECISION", optionally followed by "spinning" (IMAGEREC_ORT_SPINNING=1)."""
     from handlers.recognizer import load_recognizer
+    from handlers.runtime import SPINNING_VAR
 
-    engine, precision = peer.split()
-    loaded = load_recognizer(model_dir, precision=precision, engine=engine)
+    engine, precision, *variant = peer.split()
+    previous = os.environ.get(SPINNING_VAR)
+    os.environ[SPINNING_VAR] = "1" if variant == ["spinning"] else "0"
+    try:  # the session reads it when it is created
+        loaded = load_recognizer(model_dir, precision=precision, engine=engine)
+    finally:
+        if previous is None:
+            del os.environ[SPINNING_VAR]
+        else:
+            os.environ[SPINNING_VAR] = previous
     if loaded.recognizer.runtime != engine:
         raise RuntimeError(f"{peer}: the graph did not load")
     return loaded.recognizer
@@ -213,14 +225,14 @@ def served(workdir: Path, built: dict, engine: str, photos: list[bytes], imagene
     from benchmarks.processes import memory_of, server_processes
     from imagerec.torchserve import TorchServe, install_archive
 
-    store = workdir / f"store-{engine}"
+    store = workdir / f"store-{engine.replace(' ', '-')}"
     store.mkdir(parents=True, exist_ok=True)
     models = list(built["archives"])
     for path in built["archives"].values():
         install_archive(path, store)
     load_models = ",".join(f"{m}={Path(p).name}" for m, p in built["archives"].items())
-    server = TorchServe(model_store=store, workdir=workdir / f"server-{engine}", models=load_models,
-                        env={} if engine == "default" else {"IMAGEREC_BACKBONE_RUNTIME": engine})
+    server = TorchServe(model_store=store, workdir=workdir / f"server-{engine.replace(' ', '-')}", models=load_models,
+                        env=SERVED_ENGINES[engine])
     result = {"engine": engine, "runs": []}
     with server:
         roles = server_processes(server, models)
@@ -274,10 +286,11 @@ def judge_serving_path(built: dict, peers: dict, servers: list[dict]) -> list[st
     """The issue's serving-path targets per model (served default against the in-process peers), and
     the same ratios against the end-to-end peer, which does the served path's work minus serving."""
     lines = []
-    default = next(s for s in servers if s["engine"] == SERVED_ENGINES[0])
+    default = next(s for s in servers if s["engine"] == "default")
     for name in built["archives"]:
         rows = peers["peers"][name]
-        forward_only = {peer: row["ms_per_image"] for peer, row in rows.items() if peer.endswith("fp32")}
+        forward_only = {peer: row["ms_per_image"] for peer, row in rows.items()
+                        if peer != END_TO_END and "fp32" in peer.split()}
         best16_peer = min(forward_only, key=lambda peer: forward_only[peer]["16"])
         best1_peer = min(forward_only, key=lambda peer: forward_only[peer]["1"])
         end_to_end = rows[END_TO_END]["ms_per_image"]
@@ -348,7 +361,7 @@ def report(args, built: dict, peers: dict, servers: list[dict], started: str, co
     local = peers["in_process_imagenet"]
     guard = built["guard"].get("bf16", {})
     lines += ["", "## ImageNet accuracy of the served efficientnet_lite0 (imagenet-sample500)", "",
-              f"- Through HTTP ({SERVED_ENGINES[0]} server): Top-1 {http['top1']:.3f}, Top-3 {http['top3']:.3f} "
+              f"- Through HTTP (default server): Top-1 {http['top1']:.3f}, Top-3 {http['top3']:.3f} "
               f"on {http['images']} photos ({http['errors']} errors; answers carry the Top-3).",
               f"- In-process, same archive as the worker loads it ({local['runtime']}, {local['precision']}): "
               f"Top-1 {local['top1']:.3f}, Top-5 {local['top5']:.3f}.",
@@ -377,7 +390,7 @@ def main(args: argparse.Namespace) -> Path:
                    check=True, cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, timeout=1800)
     peers = json.loads((workdir / "peers.json").read_text())
     photos = [p.read_bytes() for p in photo_paths]
-    servers = [served(workdir, built, engine, photos, imagenet if engine == SERVED_ENGINES[0] else None, args)
+    servers = [served(workdir, built, engine, photos, imagenet if engine == "default" else None, args)
                for engine in SERVED_ENGINES]
     (workdir / "result.json").write_text(json.dumps({"built": built, "peers": peers, "servers": servers}, indent=1,
                                                     default=str))
