@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from handlers.heads import LinearHead, softmax_regression_objective
 from handlers.lbfgs import minimise
 
 
@@ -84,3 +85,18 @@ def test_fitting_a_linear_head_does_not_import_dynamo():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_the_linear_heads_written_out_gradient_is_autograds():
+    x, classes, loss_of = _problem(3, weight_decay=3e-3)
+    labels = torch.arange(classes).repeat_interleave(120 // classes)[: 120 - 7]
+    objective = softmax_regression_objective(x, labels, LinearHead._class_weights(labels, classes), 3e-3)
+    parameters = torch.randn(classes * x.shape[1] + classes, generator=torch.Generator().manual_seed(0))
+    loss, grad = objective(parameters)
+    with torch.enable_grad():
+        reference = parameters.clone().requires_grad_(True)
+        dim = x.shape[1]
+        expected = loss_of(reference[: classes * dim].view(classes, dim), reference[classes * dim:])
+        (expected_grad,) = torch.autograd.grad(expected, reference)
+    assert loss == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert torch.allclose(grad, expected_grad, atol=1e-6)
