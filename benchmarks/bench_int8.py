@@ -95,7 +95,8 @@ def main(args: argparse.Namespace) -> dict:
     labels = torch.tensor([label for _, label in photos])
     classifier = backbone.load(weights).classifier
     results = {}
-    for name, path, engine, precision in (("fp32 openvino", graph, "openvino", "fp32"),
+    for name, path, engine, precision in (("fp32 onnxruntime", graph, "onnxruntime", "fp32"),
+                                          ("fp32 openvino", graph, "openvino", "fp32"),
                                           ("bf16 openvino", graph, "openvino", "bf16"),
                                           ("int8 onnxruntime", int8_graph, "onnxruntime", "fp32"),
                                           ("int8 openvino", int8_graph, "openvino", "fp32")):

@@ -217,8 +217,8 @@ def markdown(part1: dict, costs: dict, part2: list[dict], timing: dict | None, a
              f"Command: `.venv/bin/python -m benchmarks.bench_openset {' '.join(sys.argv[1:])}` (total {seconds / 60:.1f} min, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).", "",
              f"Machine: {machine_description()}.", "",
-             f"The machine was shared with other jobs during the run (load average at the end {os.getloadavg()[0]:.1f}): "
-             "times are only comparable within one run.", "",
+             f"Load average (1 min) at the end {os.getloadavg()[0]:.1f}, this benchmark's own load included "
+             "(about 1 when nothing else runs): times are only comparable within one run.", "",
              f"Backbone {BACKBONE} (frozen). Known classes: {args.ways} random classes per episode, {args.shots} "
              f"training photos each, {args.episodes} seeded episodes; known = val photos of those classes; near "
              "unknowns = val photos of the set's other classes; far unknowns = val photos of the other shared sets. "

@@ -323,7 +323,8 @@ def report(args, built: dict, peers: dict, servers: list[dict], started: str, co
         "",
         f"Measured {started} UTC with `{command}`, on {model} ({os.cpu_count()} cores, {platform.machine()}); "
         f"flags present: {', '.join(present)}; absent: {', '.join(absent) or 'none'}. Threads per worker: "
-        f"{built['threads']}. Load average at the start {os.getloadavg()[0]:.1f}: other processes' load "
+        f"{built['threads']}. Load average (1 min) at the start {args.load_at_start:.1f}, at the end "
+        f"{os.getloadavg()[0]:.1f} (this benchmark's own load included): other processes' load "
         "moves absolute figures; peers measured side by side in one run (interleaved rounds) share it.",
         "",
         "## In-process peers (workers' environment: torch 2.13 CPU, ONNX Runtime, OpenVINO)",
@@ -375,6 +376,7 @@ def main(args: argparse.Namespace) -> Path:
     from imagerec.torchserve import serving_python
 
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    args.load_at_start = os.getloadavg()[0]
     command = " ".join([".venv/bin/python", "benchmarks/bench_runtime.py", *sys.argv[1:]])
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-runtime-"))
     workdir.mkdir(parents=True, exist_ok=True)
