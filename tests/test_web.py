@@ -348,10 +348,13 @@ def test_teach_deploy_recognise_and_roll_back(page, page_server, datasets_dir, t
     assert default_versions(page_server)[name][0] == "2"
 
     page.click("#tab-modes")
-    card = page.wait_for_selector(f"article[data-mode={name}]")
+    # A locator, not an element handle: the tab re-renders its cards when its list arrives, and a
+    # handle taken before that is detached by the time it is clicked.
+    card = page.locator(f"article[data-mode={name}]")
+    card.wait_for()
     shot(page, tmp_path, "modes-before-rollback")
     assert "(default)" in card.inner_text()
-    card.query_selector("button.rollback").click()
+    card.locator("button.rollback").click()
     page.wait_for_selector("#modes-done:not([hidden])")
     shot(page, tmp_path, "modes-rolled-back")
     shot(page, tmp_path, "docs-modes", full_page=False)
