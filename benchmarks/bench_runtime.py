@@ -42,7 +42,7 @@ from imagerec.paths import DATASETS_DIR, DOCS_DIR, PROJECT_ROOT
 
 logger = logging.getLogger("bench_runtime")
 
-PEERS = ("eager fp32", "eager bf16", "onnxruntime fp32", "onnxruntime fp32 spinning", "openvino fp32", "openvino bf16")
+PEERS = ("eager fp32", "eager bf16", "onnxruntime fp32", "openvino fp32", "openvino bf16")
 # The served default's work without the serving path: photo bytes decoded and prepared on the
 # handler's threads (its own code), then the forward pass. Served / this = what HTTP, TorchServe's
 # frontend, batching and the worker protocol cost; the forward-only peers above leave decoding out.
@@ -51,8 +51,7 @@ BATCHES = (1, 8, 16)
 # "default": the worker chooses (ONNX Runtime for fp32, OpenVINO for bf16 on AMX); it also answers
 # the ImageNet photos. "openvino": every model on OpenVINO, its peer.
 # Served variants: the default, and the environment switches of handlers/runtime.py.
-SERVED_ENGINES = {"default": {}, "openvino": {"IMAGEREC_BACKBONE_RUNTIME": "openvino"},
-                  "onnxruntime spinning": {"IMAGEREC_ORT_SPINNING": "1"}}
+SERVED_ENGINES = {"default": {}, "openvino": {"IMAGEREC_BACKBONE_RUNTIME": "openvino"}}
 MEMORY_SETTLE_S = 4.0  # the handler trims freed memory after 2 s idle
 
 
@@ -77,20 +76,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def load_peer(model_dir: Path, peer: str):
-    """``peer``: "ENGINE PRECISION", optionally followed by "spinning" (IMAGEREC_ORT_SPINNING=1)."""
+    """``peer``: "ENGINE PRECISION"."""
     from handlers.recognizer import load_recognizer
-    from handlers.runtime import SPINNING_VAR
 
-    engine, precision, *variant = peer.split()
-    previous = os.environ.get(SPINNING_VAR)
-    os.environ[SPINNING_VAR] = "1" if variant == ["spinning"] else "0"
-    try:  # the session reads it when it is created
-        loaded = load_recognizer(model_dir, precision=precision, engine=engine)
-    finally:
-        if previous is None:
-            del os.environ[SPINNING_VAR]
-        else:
-            os.environ[SPINNING_VAR] = previous
+    engine, precision = peer.split()
+    loaded = load_recognizer(model_dir, precision=precision, engine=engine)
     if loaded.recognizer.runtime != engine:
         raise RuntimeError(f"{peer}: the graph did not load")
     return loaded.recognizer

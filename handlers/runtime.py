@@ -36,9 +36,6 @@ logger = logging.getLogger(__name__)
 ENGINES = ("onnxruntime", "openvino", "eager")
 ENGINE_VAR = "IMAGEREC_BACKBONE_RUNTIME"
 PRECISION_VAR = "IMAGEREC_BACKBONE_PRECISION"  # operators: fp32, or bf16 (still only where the guard allowed it)
-# ONNX Runtime's threads wait for work by spinning ("1": faster forwards on cores nobody else needs)
-# or by sleeping ("0", the default: cores shared with other workers, the frontend, training).
-SPINNING_VAR = "IMAGEREC_ORT_SPINNING"
 # Tests and operators can hide CPU flags (comma-separated, as in /proc/cpuinfo), as on a CPU without them.
 HIDE_FLAGS_VAR = "IMAGEREC_HIDE_CPU_FLAGS"
 REDUCED_PRECISIONS = ("bf16",)
@@ -62,17 +59,6 @@ def engine_override() -> str | None:
     if engine is not None and engine not in ENGINES:
         raise ValueError(f"{ENGINE_VAR}={engine!r}: choose one of {', '.join(ENGINES)}")
     return engine
-
-
-def ort_spinning() -> bool:
-    """``$IMAGEREC_ORT_SPINNING``: "1" lets ONNX Runtime's threads spin between the operators of a
-    forward pass (never after it: force_spinning_stop). On a quiet machine that made
-    efficientnet_lite0 25% faster at batch 1 and 13% at batch 8; with other work on the same cores it
-    was much slower, so the default stays "0" (docs/bench/runtime.md)."""
-    value = os.environ.get(SPINNING_VAR) or "0"  # empty: unset
-    if value not in ("0", "1"):
-        raise ValueError(f"{SPINNING_VAR}={value!r}: choose 0 or 1")
-    return value == "1"
 
 
 def default_engine(precision: str) -> str:
@@ -144,11 +130,11 @@ class PortableFeatures(nn.Module):
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-            # Workers share the cores: threads that spin while waiting steal them from the others.
-            spinning = ort_spinning()
-            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-            if spinning:  # spin between a forward's operators only, not for a while after it
-                options.add_session_config_entry("session.force_spinning_stop", "1")
+            # Threads sleep while they wait: spinning ones steal the cores that decoding, the frontend and
+            # other workers need. Served efficientnet_lite0 with ONNX Runtime's default spinning: 1-client
+            # p50 17.0 against 13.1 ms, 16 clients 111 against 123 img/s; spinning only within a forward
+            # pass (force_spinning_stop) changed nothing measurable (docs/bench/runtime.md, run 4).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.log_severity_level = 3
             # The memory arena stays on: off, a worker holds about 100 MB less after batches but
             # batch 8 ran 40% slower (docs/bench/runtime.md).
