@@ -363,9 +363,40 @@ def test_teach_deploy_recognise_and_roll_back(page, page_server, datasets_dir, t
     assert "%" in row.inner_text()  # accuracy from the manifest
 
 
-def test_make_default_and_retire_from_the_modes_tab(page, page_server, tmp_path):
-    name = "clothes3"  # v1 default, v2 registered (test_teach_deploy_recognise_and_roll_back)
-    assert default_versions(page_server)[name][0] == "1"
+def _job_files(datasets_dir: Path, name: str, classes=CLASSES) -> list:
+    """The Teach form's fields for ``name``: each class with its first PHOTOS_PER_CLASS training photos."""
+    files = [("name", (None, name))]
+    for index, class_name in enumerate(classes):
+        files.append((f"class-{index}", (None, class_name)))
+        for photo in sorted((datasets_dir / "clothing10" / "train" / class_name).iterdir())[:PHOTOS_PER_CLASS]:
+            files.append((f"photos-{index}", (photo.name, photo.read_bytes())))
+    return files
+
+
+def _teach_by_api(page_server, datasets_dir: Path, name: str) -> dict:
+    """Train a version of ``name`` and deploy it through the page's API (what the Teach tab does), so
+    a test sets up its own modes instead of relying on what an earlier test left. Returns the job."""
+    token = page_server.token
+    created = page_server.api("POST", "/api/jobs", token=token, files=_job_files(datasets_dir, name))
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    deadline = time.monotonic() + TRAIN_TIMEOUT_MS / 1000
+    while (job := page_server.api("GET", f"/api/jobs/{job_id}", token=token).json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.3)
+    assert job["status"] == "trained", job
+    deployed = page_server.api("POST", f"/api/jobs/{job_id}/deploy", token=token, timeout=TRAIN_TIMEOUT_MS / 1000)
+    assert deployed.status_code == 200 and deployed.json()["status"] == "deployed", deployed.text
+    return deployed.json()
+
+
+def test_make_default_and_retire_from_the_modes_tab(page, page_server, datasets_dir, tmp_path):
+    name = "clothes4"
+    assert _teach_by_api(page_server, datasets_dir, name)["version"] == "1"
+    assert _teach_by_api(page_server, datasets_dir, name)["version"] == "2"
+    rolled_back = page_server.api("POST", f"/api/modes/{name}/rollback", token=page_server.token, json={})
+    assert rolled_back.status_code == 200, rolled_back.text
+    assert default_versions(page_server)[name][0] == "1"  # v1 default, v2 registered
     page.click("#tab-modes")
     unlock(page, page_server.token)
     page.click(f"article[data-mode={name}] tr.actions-row[data-version='2'] button.make-default")
@@ -387,16 +418,9 @@ def test_make_default_and_retire_from_the_modes_tab(page, page_server, tmp_path)
 
 def test_jobs_survive_a_restart_and_a_cut_off_job_is_interrupted(page_server, datasets_dir, browser, tmp_path):
     token = page_server.token
-    jobs = page_server.api("GET", "/api/jobs", token=token).json()["jobs"]
-    deployed = [j for j in jobs if j["status"] == "deployed"]
-    assert deployed, jobs
+    deployed = [_teach_by_api(page_server, datasets_dir, "survivor")]
 
-    files = [("name", (None, "cutoff"))]
-    for index, class_name in enumerate(CLASSES[:2]):
-        files.append((f"class-{index}", (None, class_name)))
-        for photo in sorted((datasets_dir / "clothing10" / "train" / class_name).iterdir())[:PHOTOS_PER_CLASS]:
-            files.append((f"photos-{index}", (photo.name, photo.read_bytes())))
-    created = page_server.api("POST", "/api/jobs", token=token, files=files)
+    created = page_server.api("POST", "/api/jobs", token=token, files=_job_files(datasets_dir, "cutoff", CLASSES[:2]))
     assert created.status_code == 201, created.text
     job_id = created.json()["id"]
     deadline = time.monotonic() + 60
