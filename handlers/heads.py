@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from handlers.rejection import DEFAULT_KEEP, KnnRejection, rule_for_labels, rule_for_state
+from handlers.rejection import DEFAULT_KEEP, KnnRejection, first_row_of_each_group, rule_for_labels, rule_for_state
 
 
 class FeatureHead(nn.Module, abc.ABC):
@@ -173,6 +173,11 @@ def _holdout_mask(labels: torch.Tensor, groups: torch.Tensor, fraction: float, s
     return held
 
 
+def _weight_and_bias(parameters: torch.Tensor, classes: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C*D + C,) flat parameters -> weight (C, D) (row-major first), bias (C,): views, not copies."""
+    return parameters[: classes * dim].view(classes, dim), parameters[classes * dim:]
+
+
 def softmax_regression_objective(x: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor,
                                  weight_decay: float):
     """The linear head's objective as ``parameters -> (loss, gradient)`` for handlers/lbfgs.py.
@@ -190,7 +195,7 @@ def softmax_regression_objective(x: torch.Tensor, labels: torch.Tensor, class_we
     scale = row_weights / row_weights.sum()
 
     def loss_and_grad(parameters: torch.Tensor) -> tuple[float, torch.Tensor]:
-        weight, bias = parameters[: classes * dim].view(classes, dim), parameters[classes * dim:]
+        weight, bias = _weight_and_bias(parameters, classes, dim)
         log_probabilities = torch.log_softmax(torch.addmm(bias, x, weight.T), dim=1)
         loss = -(scale * (log_probabilities * onehot).sum(1)).sum() + weight_decay * weight.pow(2).sum()
         d_logits = (log_probabilities.exp() - onehot) * scale[:, None]
@@ -236,7 +241,7 @@ class LinearHead(FeatureHead):
         loss_and_grad = softmax_regression_objective(x, labels, self._class_weights(labels, classes), weight_decay)
         solution = minimise(loss_and_grad, torch.zeros(classes * dim + classes), max_iter=max_iter,
                             history_size=20, tolerance_grad=1e-6)
-        return solution[: classes * dim].view(classes, dim).clone(), solution[classes * dim:].clone()
+        return tuple(part.clone() for part in _weight_and_bias(solution, classes, dim))
 
     def fit(self, features: torch.Tensor, labels: torch.Tensor, *, groups: torch.Tensor | None = None,
             weight_decay: float | None = None, holdout_fraction: float = 0.25, max_iter: int = 200,
@@ -304,7 +309,7 @@ class EnsembleHead(FeatureHead):
         held-out images, as LinearHead.fit does)."""
         groups = torch.arange(len(labels)) if groups is None else groups
         self.power.fill_(power)
-        plain = torch.stack([(groups == group).nonzero()[0, 0] for group in groups.unique()])
+        plain = first_row_of_each_group(groups)
         summary = {"linear": self.members["linear"].fit(features, labels, groups=groups, seed=seed, power=power,
                                                         weight_decay=weight_decay),
                    "prototype": self.members["prototype"].fit(features[plain], labels[plain], power=power)}

@@ -391,7 +391,7 @@ class TorchServe:
         new requests get 400, token authorization failed. The front never needs the key replaced,
         which could refuse a request it had admitted but not yet finished passing on.
         """
-        if self.front_process is not None and self.front_process.poll() is None:
+        if self._front_running:
             from imagerec.front import DRAIN_SIGNAL  # aiohttp is imported only where a front runs
 
             self.front_process.send_signal(DRAIN_SIGNAL)
@@ -412,7 +412,7 @@ class TorchServe:
         """
         deadline = time.monotonic() + timeout
         self.refuse_new_requests()
-        if self.front_process is not None and self.front_process.poll() is None:
+        if self._front_running:
             return self._drain_front(deadline)
         inference_key = self.keys["inference"]
         busy = self.versions()
@@ -438,6 +438,10 @@ class TorchServe:
             logger.warning("drain: requests still queued after %.0f s: %s", timeout,
                            ", ".join(f"{e['modelName']} v{e['modelVersion']}" for e in busy))
         return not busy
+
+    @property
+    def _front_running(self) -> bool:
+        return self.front_process is not None and self.front_process.poll() is None
 
     def _drain_front(self, deadline: float) -> bool:
         """Wait until the draining front has answered every request it admitted."""

@@ -13,7 +13,7 @@ rotation, built from the backbone's ``preprocessing``) are seeded per image and 
 Layout: ``<cache>/<weights sha[:16]>/<transform key>/<image sha[:2]>/<image sha>.npy`` holding a
 (V, D) float32 array: the plain view (V = 1), or augmented views 0..V-1 of that image. numpy's
 format, not torch.save's: a warm train_head reads hundreds of these, and np.load takes about a
-tenth of torch.load's time per file (0.33 s against about 0.04 s for 700 files).
+third of torch.load's time per file (700 files of (3, 1280): 0.04 s against 0.13 s, quiet machine).
 """
 
 from __future__ import annotations
