@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
@@ -130,10 +131,28 @@ def port_taken(address: str) -> bool:
     return False
 
 
+def free_ports(count: int, avoid: Iterable[int] = ()) -> list[int]:
+    """``count`` distinct free loopback ports, none in ``avoid``. Every socket stays bound until all
+    are chosen: two free_port() calls in a row can return the same port (it is free both times), and
+    a TorchServe given it twice fails to bind (seen in CI: the admission front and TorchServe's
+    inference API on one port)."""
+    avoid = set(avoid)
+    sockets, ports = [], []
+    try:
+        while len(ports) < count:
+            sock = socket.socket()
+            sockets.append(sock)
+            sock.bind(("127.0.0.1", 0))
+            if sock.getsockname()[1] not in avoid:
+                ports.append(sock.getsockname()[1])
+    finally:
+        for sock in sockets:
+            sock.close()
+    return ports
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 class TorchServe:
@@ -161,7 +180,12 @@ class TorchServe:
     ):
         self.model_store = Path(model_store).resolve()
         self.workdir = Path(workdir).resolve()
-        inference, management, metrics = ports or (free_port(), free_port(), free_port())
+        # Every port this instance picks is picked in one go, distinct from each other and from the
+        # ports it was given (explicitly or as overrides).
+        given = set(ports or ()) | {int(value) for key, value in (overrides or {}).items()
+                                    if key.endswith("_port") and str(value).isdigit()}
+        spare = iter(free_ports((0 if ports else 5) + (1 if front else 0), avoid=given))
+        inference, management, metrics = ports or (next(spare), next(spare), next(spare))
         self.inference_url = f"http://127.0.0.1:{inference}"
         self.management_url = f"http://127.0.0.1:{management}"
         self.metrics_url = f"http://127.0.0.1:{metrics}"
@@ -176,13 +200,13 @@ class TorchServe:
         if metrics_config and not Path(metrics_config).is_absolute():  # relative to config.properties
             self.properties["metrics_config"] = str(SHIPPED_CONFIG.parent / metrics_config)
         if ports is None:  # side-by-side servers: gRPC ports must not clash either
-            self.properties.update(grpc_inference_port=str(free_port()), grpc_management_port=str(free_port()))
+            self.properties.update(grpc_inference_port=str(next(spare)), grpc_management_port=str(next(spare)))
         if models:
             self.properties["load_models"] = models
         self.properties.update(overrides or {})
         self.upstream_url = self.inference_url
         if front:  # clients keep the inference address; TorchServe moves behind the front
-            self.upstream_url = f"http://127.0.0.1:{free_port()}"
+            self.upstream_url = f"http://127.0.0.1:{next(spare)}"
             self.properties["inference_address"] = self.upstream_url
         self.front = front
         self.front_args = tuple(front_args)

@@ -27,7 +27,7 @@ from pathlib import Path
 from imagerec.cli import EXIT_BAD_ARGUMENTS, EXIT_FAILED, EXIT_NO_WEIGHTS, run_cli
 from imagerec.naming import archive_file_name
 from imagerec.paths import DEFAULT_MODEL_STORE, DEFAULT_RUNTIME_DIR, PROJECT_ROOT
-from imagerec.torchserve import DEFAULT_DRAIN_TIMEOUT_S, TorchServe, free_port, shipped_ports
+from imagerec.torchserve import DEFAULT_DRAIN_TIMEOUT_S, TorchServe, free_port, free_ports, shipped_ports
 
 # Keep this process light (it stays alive beside TorchServe): torch is imported only by the
 # build_archive.py subprocess.
@@ -133,7 +133,7 @@ def main(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         models=f"{args.backbone}={archive.name}",
         ports=tuple(args.ports) if args.ports else None if args.free_ports else shipped_ports(),
-        overrides={"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())}
+        overrides=dict(zip(("grpc_inference_port", "grpc_management_port"), map(str, free_ports(2, avoid=args.ports))))
         if args.ports else None,
         front=args.front,
     )

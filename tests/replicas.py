@@ -19,7 +19,7 @@ import psutil
 import requests
 
 from imagerec.paths import PROJECT_ROOT
-from imagerec.torchserve import free_port
+from imagerec.torchserve import free_port, free_ports
 
 
 
@@ -139,7 +139,7 @@ class ServeProcess(Process):
 
     def __init__(self, workdir: Path, model_store: Path, backbone: str, version: str,
                  ports: tuple[int, int, int] | None = None, extra_args: tuple[str, ...] = ()):
-        self.ports = ports or (free_port(), free_port(), free_port())
+        self.ports = ports or tuple(free_ports(3))
         self.workdir = workdir
         self.inference_url, self.management_url, self.metrics_url = (f"http://127.0.0.1:{p}" for p in self.ports)
         self.key_file = workdir / "key_file.json"

@@ -30,7 +30,7 @@ from imagerec.paths import PROJECT_ROOT
 from imagerec.torchserve import (
     TorchServe,
     auth_header,
-    free_port,
+    free_ports,
     install_archive,
     latest_snapshot,
     read_keys,
@@ -298,7 +298,8 @@ def test_a_port_in_use_is_named_before_torchserve_starts(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
+        inference, metrics = free_ports(2, avoid={port})
         server = TorchServe(model_store=tmp_path / "store", workdir=tmp_path / "work",
-                            ports=(free_port(), port, free_port()))
+                            ports=(inference, port, metrics))
         with pytest.raises(RuntimeError, match=re.escape(f"127.0.0.1:{port} (management_address)")):
             server.start(timeout=60)

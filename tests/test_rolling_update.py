@@ -21,7 +21,7 @@ import pytest
 from imagerec.archive import build_archive
 from handlers.backbones import get_backbone, imagenet_categories
 from imagerec.management import Client
-from imagerec.torchserve import free_port, install_archive
+from imagerec.torchserve import free_ports, install_archive
 from benchmarks.lifecycle_heads import NAME, head_archives, val_photos
 from benchmarks.load import LoadClients, summarise
 from tests.replicas import (
@@ -62,8 +62,8 @@ class Replica:
 
     def __init__(self, root: Path, index: int, store: Path, token_file: Path):
         self.root, self.index, self.store, self.token_file = root, index, store, token_file
-        self.ports = (free_port(), free_port(), free_port())
-        self.gateway_port = free_port()
+        ports = free_ports(4)
+        self.ports, self.gateway_port = tuple(ports[:3]), ports[3]
         self.serve: ServeProcess | None = None
         self.gateway: GatewayProcess | None = None
         self.starts = 0
