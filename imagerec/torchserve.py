@@ -32,7 +32,8 @@ from imagerec.paths import PROJECT_ROOT, SHIPPED_CONFIG, SHIPPED_LOG_CONFIG
 logger = logging.getLogger(__name__)
 
 KEY_FILE_NAME = "key_file.json"
-FRONT_SCRIPT = PROJECT_ROOT / "scripts" / "front.py"
+# The admission front runs as this module (``python -m``; imagerec/front.py).
+FRONT_MODULE = "imagerec.front"
 DEFAULT_TIMEOUT_S = 30.0
 # TorchServe runs from its own environment, which scripts/setup.sh builds: its launcher hands its own
 # interpreter to the frontend for the workers, and workers use the CPU build of torch
@@ -162,9 +163,10 @@ class TorchServe:
     ``overrides``: properties replacing the shipped ones (e.g. a test's job_queue_size).
     ``ports``: (inference, management, metrics); None picks free loopback ports (tests), while
     ``shipped_ports()`` keeps the addresses of config.properties (the real server).
-    ``front``: put the admission front (imagerec/front.py, scripts/front.py) on the inference address
+    ``front``: put the admission front (imagerec/front.py) on the inference address
     and TorchServe's inference API on a private loopback port behind it (``upstream_url``);
-    ``front_args``: more scripts/front.py options (e.g. ``("--inflight-mib", "29")``).
+    ``front_args``: more options of the front (e.g. ``("--inflight-mib", "29")``; ``python -m
+    imagerec.front --help`` lists them).
     """
 
     def __init__(
@@ -291,7 +293,7 @@ class TorchServe:
         )
         if self.front:
             self.front_process = subprocess.Popen(
-                [sys.executable, str(FRONT_SCRIPT), "--listen", self.inference_url.removeprefix("http://"),
+                [sys.executable, "-m", FRONT_MODULE, "--listen", self.inference_url.removeprefix("http://"),
                  "--upstream", self.upstream_url, "--max-body", properties["max_request_size"], *self.front_args],
                 cwd=self.workdir, stdout=self._console, stderr=subprocess.STDOUT, start_new_session=True,
             )
