@@ -79,3 +79,30 @@ def test_the_worker_loads_only_runtime_modules_in_the_serving_environment():
     assert "handlers.recognition_handler" in loaded
     assert all(name.split(".")[0] == "handlers" for name in loaded), loaded
     assert torchvision_line == "False"
+
+
+# Entry-point folders: the library must not reach them by path either (running a script by its path
+# is an import in disguise). Docstrings may name them; code may not.
+ENTRY_POINT_FOLDERS = ("scripts", "web", "benchmarks")
+
+
+def _path_strings(path: Path) -> list[str]:
+    """String constants of the file's code (docstrings left out) that name an entry-point folder:
+    the bare folder name (as in ``ROOT / "scripts"``) or a path inside it."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            text = node.value
+            if text in ENTRY_POINT_FOLDERS or any(text.startswith(f"{folder}/") and " " not in text
+                                                  for folder in ENTRY_POINT_FOLDERS):
+                found.append(text)
+    return found
+
+
+@pytest.mark.parametrize("folder", ["handlers", "imagerec", "training"])
+def test_the_library_does_not_run_entry_points_by_path(folder):
+    offenders = [f"{path.relative_to(PROJECT_ROOT)}: {text!r}" for path in sorted((PROJECT_ROOT / folder).rglob("*.py"))
+                 for text in _path_strings(path)]
+    assert not offenders, "\n".join(offenders)
