@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-import torch
+import numpy as np
 
 from handlers.backbones import get_backbone
 from handlers.imaging import decode_image, eval_transform
@@ -55,10 +56,13 @@ def native_reduced_precisions() -> list[str]:
     return [precision for precision in REDUCED_PRECISIONS if precision in native]
 
 
-def graph_features(graph_dir: Path, precision: str, threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+Features = Callable[[np.ndarray], np.ndarray]  # images (N, 3, H, W) -> features (N, D), float32
+
+
+def graph_features(graph_dir: Path, precision: str, threads: int | None = None) -> Features:
     """(N, 3, H, W) -> (N, D) features of the exported graph in ``precision`` (the worker's engine)."""
     return PortableFeatures(Path(graph_dir) / FEATURES_GRAPH_FILE, GUARD_ENGINE, precision,
-                            threads or torch.get_num_threads())
+                            threads or os.cpu_count() or 1)
 
 
 def read_labelled_photos(photos_dir: Path) -> list[tuple[Path, int]]:
