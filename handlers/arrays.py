@@ -19,6 +19,12 @@ def l2_normalise(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(norms, rows.dtype.type(NORMALISE_EPS))
 
 
+def logsumexp(logits: np.ndarray) -> np.ndarray:
+    """(N, C) -> (N,) log of the summed exponentials along the classes (torch.logsumexp(logits, 1))."""
+    top = logits.max(axis=1, keepdims=True)
+    return (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))[:, 0]
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """(N, C) -> (N, C) log-probabilities along the classes."""
     shifted = logits - logits.max(axis=1, keepdims=True)
