@@ -168,8 +168,8 @@ class FeatureExtractor:
         return self._network
 
     def _eager_features(self):
-        """The backbone in torch, numpy in and out (torch imported here: only eager extraction runs it)."""
-        import torch
+        """The backbone in torch, numpy in and out."""
+        import torch  # here: only eager extraction runs torch (its import is most of a warm run's budget)
 
         torch.set_num_threads(self.threads)
         network = self.backbone.load(self.weights_path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,13 @@ def test_the_worker_loads_only_runtime_modules_in_the_serving_environment():
     assert "handlers.recognition_handler" in loaded
     assert all(name.split(".")[0] == "handlers" for name in loaded), loaded
     assert torchvision_line == "False"
+
+
+def test_the_training_library_imports_without_torch():
+    """A warm train_head (features and graph cached) must not import torch: 1.7 s of its 2 s budget.
+    Importing its modules is the first half of that (tests/test_training.py runs the whole warm run)."""
+    code = ("import sys, training.train_head, handlers.heads, handlers.imaging, handlers.runtime, imagerec.archive; "
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
