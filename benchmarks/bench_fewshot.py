@@ -39,6 +39,7 @@ from imagerec.paths import DATASETS_DIR as DATASETS
 from training.data import load_dataset
 from training.evaluation import mean_ci95
 from training.features import Augmentation, FeatureExtractor, default_cache_dir
+from training.blas import single_thread
 from training.evaluation import share
 from training.train_head import DEFAULT_HEAD, DEFAULT_VIEWS, training_rows
 
@@ -124,7 +125,8 @@ def run_episode(features: dict, ways: int, shots: int, seed: int) -> dict[str, f
         # them); the other two flip that choice, to show it was measured.
         use_views = head.uses_views if variant in HEAD_KINDS else not head.uses_views
         rows, row_labels, groups = training_rows(features["train"][train], augmented if use_views else None, labels)
-        head.fit(rows, row_labels, groups=groups, seed=seed)
+        with single_thread():
+            head.fit(rows, row_labels, groups=groups, seed=seed)
         accuracies[variant] = share(head(features["val"][val]).argmax(1) == val_labels)
     return accuracies
 

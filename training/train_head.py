@@ -47,6 +47,7 @@ from imagerec.naming import archive_file_name, validate_name, validate_version
 from imagerec.options import add_batching_arguments, batching_from_args
 from imagerec.precision_guard import native_reduced_precisions, not_judged, verdict
 from training.auto_head import Candidate, choose_head
+from training.blas import single_thread
 from training.data import DataError, Dataset, load_dataset, readable_images
 from training.evaluation import (auroc, draw_confusion, evaluate, format_table, fpr_at_keep,
                                  openset_confusion, share, write_report)
@@ -202,20 +203,21 @@ def fit_head(kind: str, feature_dim: int, num_classes: int, features: dict, args
     """Fit the head (``kind`` "auto": the candidate cross-validation chooses) and its rejection rule.
     The summary's "auto" entry holds the choice and every candidate's score."""
     summary: dict = {}
-    if kind == AUTO_HEAD:
-        choice, summary["auto"] = choose_head(features["plain"], features["augmented"], features["photo_labels"],
-                                              num_classes, seed=args.seed)
-    else:
-        choice = Candidate(kind, views=HEADS[kind].uses_views, weight_decay=args.weight_decay)
-    head = build_head(choice.kind, feature_dim, num_classes)
-    plain_only = not choice.views and features["augmented"] is not None
-    rows, row_labels, groups = (training_rows(features["plain"], None, features["photo_labels"]) if plain_only
-                                else (features["train"], features["train_labels"], features["groups"]))
-    summary.update(head.fit(rows, row_labels, groups=groups, seed=args.seed, **choice.fit_options()))
-    # The rule is fitted on each training photo's plain view: augmented views measured no better
-    # (docs/bench/openset.md) and would triple the archive's share of it.
-    summary["rejection"] = head.fit_rejection(features["plain"], np.arange(len(features["plain"])), args.keep,
-                                              labels=features["photo_labels"])
+    with single_thread():  # small matrices: one BLAS thread is faster (training/blas.py)
+        if kind == AUTO_HEAD:
+            choice, summary["auto"] = choose_head(features["plain"], features["augmented"], features["photo_labels"],
+                                                  num_classes, seed=args.seed)
+        else:
+            choice = Candidate(kind, views=HEADS[kind].uses_views, weight_decay=args.weight_decay)
+        head = build_head(choice.kind, feature_dim, num_classes)
+        plain_only = not choice.views and features["augmented"] is not None
+        rows, row_labels, groups = (training_rows(features["plain"], None, features["photo_labels"]) if plain_only
+                                    else (features["train"], features["train_labels"], features["groups"]))
+        summary.update(head.fit(rows, row_labels, groups=groups, seed=args.seed, **choice.fit_options()))
+        # The rule is fitted on each training photo's plain view: augmented views measured no better
+        # (docs/bench/openset.md) and would triple the archive's share of it.
+        summary["rejection"] = head.fit_rejection(features["plain"], np.arange(len(features["plain"])), args.keep,
+                                                  labels=features["photo_labels"])
     return head, summary
 
 

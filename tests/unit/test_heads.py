@@ -164,3 +164,13 @@ def test_a_head_pt_of_an_archive_made_before_the_numpy_heads_answers_as_it_did(n
     fresh.fit_rejection(expected["features"], np.arange(len(expected["labels"])), 0.8,
                         labels=None if name.endswith("knn") else expected["labels"])
     assert set(fresh.state()) == set(state)
+
+
+def test_head_fits_run_numpys_blas_on_one_thread_and_give_the_threads_back():
+    from training.blas import blas_threads, single_thread
+
+    before = blas_threads()
+    assert before is not None  # numpy's wheels bundle OpenBLAS: the switch must find it here
+    with single_thread():
+        assert blas_threads() == 1
+    assert blas_threads() == before
