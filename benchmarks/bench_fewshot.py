@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,7 +39,9 @@ from imagerec.paths import DATASETS_DIR as DATASETS
 from training.data import load_dataset
 from training.evaluation import mean_ci95
 from training.features import Augmentation, FeatureExtractor, default_cache_dir
-from training.train_head import DEFAULT_HEAD, DEFAULT_VIEWS, single_thread, training_rows
+from training.blas import single_thread
+from training.evaluation import share
+from training.train_head import DEFAULT_HEAD, DEFAULT_VIEWS, training_rows
 
 logger = logging.getLogger("bench_fewshot")
 
@@ -86,11 +89,11 @@ def set_features(extractor: FeatureExtractor, root: Path, views: int) -> dict:
         "train": extractor.extract(paths, hashes, description=f"{root.name} train"),
         "augmented": extractor.extract(paths, hashes, views=views, description=f"{root.name} train views")
         if views else None,
-        "train_labels": torch.tensor([s.label for s in train]),
+        "train_labels": np.array([s.label for s in train], np.int64),
         "train_paths": paths,
         "val": extractor.extract([s.path for s in dataset.val], [s.sha256 for s in dataset.val],
                                  description=f"{root.name} val"),
-        "val_labels": torch.tensor([s.label for s in dataset.val]),
+        "val_labels": np.array([s.label for s in dataset.val], np.int64),
         "val_paths": [s.path for s in dataset.val],
     }
 
@@ -102,17 +105,17 @@ def draw_episode(features: dict, ways: int, shots: int, seed: int) -> tuple[list
     classes = sorted(rng.sample(range(num_classes), min(ways, num_classes)))
     train, val = [], []
     for cls in classes:
-        candidates = (features["train_labels"] == cls).nonzero().flatten().tolist()
+        candidates = np.flatnonzero(features["train_labels"] == cls).tolist()
         train += rng.sample(candidates, min(shots, len(candidates)))
-        val += (features["val_labels"] == cls).nonzero().flatten().tolist()
+        val += np.flatnonzero(features["val_labels"] == cls).tolist()
     return classes, train, val
 
 
 def run_episode(features: dict, ways: int, shots: int, seed: int) -> dict[str, float]:
     classes, train, val = draw_episode(features, ways, shots, seed)
     remap = {cls: i for i, cls in enumerate(classes)}
-    labels = torch.tensor([remap[int(features["train_labels"][i])] for i in train])
-    val_labels = torch.tensor([remap[int(features["val_labels"][i])] for i in val])
+    labels = np.array([remap[int(features["train_labels"][i])] for i in train], np.int64)
+    val_labels = np.array([remap[int(features["val_labels"][i])] for i in val], np.int64)
     augmented = features["augmented"][train] if features["augmented"] is not None else None
     accuracies = {}
     for variant in VARIANTS:
@@ -124,9 +127,7 @@ def run_episode(features: dict, ways: int, shots: int, seed: int) -> dict[str, f
         rows, row_labels, groups = training_rows(features["train"][train], augmented if use_views else None, labels)
         with single_thread():
             head.fit(rows, row_labels, groups=groups, seed=seed)
-        with torch.no_grad():
-            predicted = head(features["val"][val]).argmax(1)
-        accuracies[variant] = float((predicted == val_labels).float().mean())
+        accuracies[variant] = share(head(features["val"][val]).argmax(1) == val_labels)
     return accuracies
 
 
@@ -163,7 +164,7 @@ def finetune_baseline(args) -> dict:
     images = [decode_image(features["train_paths"][i].read_bytes(), min_side=backbone.preprocessing.resize_size)
               for i in train]
     labels = torch.tensor([remap[int(features["train_labels"][i])] for i in train])
-    val_inputs = torch.stack([preprocess(features["val_paths"][i].read_bytes()) for i in val])
+    val_inputs = torch.from_numpy(np.stack([preprocess(features["val_paths"][i].read_bytes()) for i in val]))
     val_labels = torch.tensor([remap[int(features["val_labels"][i])] for i in val])
     optimizer = torch.optim.AdamW([
         {"params": network.body.parameters(), "lr": 1e-4},

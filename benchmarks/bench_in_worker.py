@@ -64,17 +64,16 @@ def median_time(function, reps: int, warmup: int = 2) -> float:
 
 def forward_costs(model_dir: Path, photos: list[Path], batch_size: int, reps: int) -> dict:
     """{variant: forward ms at batch 1 and ms/image at ``batch_size``}, real photos as input."""
-    import torch
+    import numpy as np
 
     costs = {}
     for variant in variants_of(model_dir):
         loaded, preprocessor = load_variant(model_dir, variant)
-        batch = torch.stack([preprocessor(p.read_bytes()) for p in photos[:batch_size]])
+        batch = np.stack([preprocessor(p.read_bytes()) for p in photos[:batch_size]])
         singles = [image[None] for image in batch]
-        with torch.inference_mode():
-            one = statistics.median(median_time(lambda: loaded.recognizer(x), max(1, reps // len(singles)), 1)
-                                    for x in singles)
-            full = median_time(lambda: loaded.recognizer(batch), max(3, reps // 2))
+        one = statistics.median(median_time(lambda: loaded.recognizer(x), max(1, reps // len(singles)), 1)
+                                for x in singles)
+        full = median_time(lambda: loaded.recognizer(batch), max(3, reps // 2))
         costs[variant] = {"forward1_ms": one * 1e3, "forward_batch_ms_per_image": full / len(batch) * 1e3}
         logger.info("%s %s: forward b1 %.1f ms, b%d %.2f ms/image", model_dir.name, variant, one * 1e3,
                     len(batch), full / len(batch) * 1e3)
@@ -82,16 +81,16 @@ def forward_costs(model_dir: Path, photos: list[Path], batch_size: int, reps: in
 
 
 def logits_of(model_dir: Path, variant: str, photos: list[Path], batch_size: int):
-    """(N, C) logits of one variant over the photos, in batches of the served size."""
+    """(N, C) logits (a torch tensor, for ``compare``) of one variant over the photos, in batches of the served size."""
+    import numpy as np
     import torch
 
     loaded, preprocessor = load_variant(model_dir, variant)
     out = []
-    with torch.inference_mode():
-        for start in range(0, len(photos), batch_size):
-            images = torch.stack([preprocessor(p.read_bytes()) for p in photos[start:start + batch_size]])
-            out.append(loaded.recognizer(images))
-    return torch.cat(out)
+    for start in range(0, len(photos), batch_size):
+        images = np.stack([preprocessor(p.read_bytes()) for p in photos[start:start + batch_size]])
+        out.append(loaded.recognizer(images))
+    return torch.from_numpy(np.concatenate(out))
 
 
 def compare(reference_logits, candidate_logits) -> dict:

@@ -17,6 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from handlers.backbones import get_backbone
@@ -44,13 +45,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quantise(graph: Path, target: Path, calibration: torch.Tensor) -> None:
+def quantise(graph: Path, target: Path, calibration: np.ndarray) -> None:
     """Static QDQ quantisation of ``graph`` into ``target``, activations calibrated on (N, 3, H, W)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Batches(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter(calibration.numpy()[i:i + CALIBRATION_BATCH]
+            self.batches = iter(calibration[i:i + CALIBRATION_BATCH]
                                 for i in range(0, len(calibration), CALIBRATION_BATCH))
 
         def get_next(self):
@@ -61,22 +62,22 @@ def quantise(graph: Path, target: Path, calibration: torch.Tensor) -> None:
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
-def measure(features: PortableFeatures, classifier, images: torch.Tensor, labels: torch.Tensor) -> dict:
+def measure(features: PortableFeatures, classifier, images: np.ndarray, labels: np.ndarray) -> dict:
     """Top-1 over all photos, and median ms per image at batch 8 (5 runs) and batch 1 (10 runs)."""
     with torch.inference_mode():
-        top1 = (classifier(torch.cat([features(chunk) for chunk in images.split(16)])).argmax(1) == labels)
-        features(images[:8])  # warm-up of the batch shape
+        computed = np.concatenate([features(images[i:i + 16]) for i in range(0, len(images), 16)])
+        top1 = classifier(torch.from_numpy(computed)).argmax(1).numpy() == labels
+    features(images[:8])  # warm-up of the batch shape
 
-        def per_image_ms(batch: torch.Tensor, runs: int) -> float:
-            times = []
-            for _ in range(runs):
-                started = time.perf_counter()
-                features(batch)
-                times.append((time.perf_counter() - started) / len(batch) * 1e3)
-            return statistics.median(times)
+    def per_image_ms(batch: np.ndarray, runs: int) -> float:
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            features(batch)
+            times.append((time.perf_counter() - started) / len(batch) * 1e3)
+        return statistics.median(times)
 
-        return {"top1": top1.float().mean().item(), "ms_b8": per_image_ms(images[:8], 5),
-                "ms_b1": per_image_ms(images[:1], 10)}
+    return {"top1": float(top1.mean()), "ms_b8": per_image_ms(images[:8], 5), "ms_b1": per_image_ms(images[:1], 10)}
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -92,7 +93,7 @@ def main(args: argparse.Namespace) -> dict:
     logger.info("quantised in %.1f s: %.1f MB", time.perf_counter() - started, int8_graph.stat().st_size / 1e6)
     photos = read_labelled_photos(args.imagenet)
     images = eval_images([path for path, _ in photos], backbone.name)
-    labels = torch.tensor([label for _, label in photos])
+    labels = np.array([label for _, label in photos])
     classifier = backbone.load(weights).classifier
     results = {}
     for name, path, engine, precision in (("fp32 onnxruntime", graph, "onnxruntime", "fp32"),

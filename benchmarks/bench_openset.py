@@ -33,17 +33,17 @@ from argparse import Namespace
 from collections import Counter
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 
 from benchmarks.bench_fewshot import BACKBONE, DATASETS, draw_episode, set_features
 from benchmarks.bench_train_head import link_class_folders, run_train_head
 from benchmarks.report import machine_description
-from handlers.heads import build_head
+from handlers.arrays import l2_normalise, logsumexp, softmax
+from handlers.heads import head_from_state
 from handlers.rejection import DEFAULT_KEEP, KnnRejection
 from imagerec.cli import EXIT_BAD_ARGUMENTS, run_cli
 from imagerec.export import CACHE_DIR_VAR
-from training.evaluation import auroc, fpr_at_keep, mean_ci95
+from training.evaluation import auroc, fpr_at_keep, mean_ci95, share
 from training.features import FeatureExtractor, default_cache_dir
 from training.train_head import DEFAULT_VIEWS, fit_head, training_rows
 
@@ -74,7 +74,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def episode_features(features: dict, train: list[int], labels: torch.Tensor) -> dict:
+def episode_features(features: dict, train: list[int], labels: np.ndarray) -> dict:
     """What train_head.fit_head reads, for one episode's training photos."""
     plain = features["train"][train]
     augmented = features["augmented"][train] if features["augmented"] is not None else None
@@ -90,12 +90,12 @@ def fit(kind: str, features: dict, num_classes: int, seed: int, keep: float):
 
 def remapped(features: dict, classes: list[int], train: list[int], val: list[int]):
     remap = {cls: i for i, cls in enumerate(classes)}
-    labels = torch.tensor([remap[int(features["train_labels"][i])] for i in train])
-    val_labels = torch.tensor([remap[int(features["val_labels"][i])] for i in val])
+    labels = np.array([remap[int(features["train_labels"][i])] for i in train], np.int64)
+    val_labels = np.array([remap[int(features["val_labels"][i])] for i in val], np.int64)
     return labels, val_labels
 
 
-def openset_episode(features: dict, far: torch.Tensor, args, seed: int) -> dict:
+def openset_episode(features: dict, far: np.ndarray, args, seed: int) -> dict:
     classes, train, val = draw_episode(features, args.ways, args.shots, seed)
     labels, val_labels = remapped(features, classes, train, val)
     near_rows = [i for i, label in enumerate(features["val_labels"].tolist()) if label not in classes]
@@ -105,64 +105,56 @@ def openset_episode(features: dict, far: torch.Tensor, args, seed: int) -> dict:
     head, summary = fit(args.head, episode_features(features, train, labels), len(classes), seed, args.keep)
     known = features["val"][val]
     result = {"head": head.kind, "power": float(head.power), "rule": head.rejection.kind}
-    with torch.no_grad():
-        logits = head(known)
-        predicted = logits.argmax(1)
-        # "Without the rule": the same head state loaded as an archive made before rules (rule off).
-        state = {k: v for k, v in head.state_dict().items() if not k.startswith("rejection.")}
-        plain_head = build_head(head.kind, head.feature_dim, head.num_classes)
-        plain_head.load_state_dict(state)
-        result["accuracy_without_rule"] = float((plain_head(known).argmax(1) == val_labels).float().mean())
-        result["accuracy_with_rule"] = float((predicted == val_labels).float().mean())
-        threshold = float(head.rejection.threshold)
-        scores = {RULE: head.known_score}
-        knn_rule = KnnRejection(head.feature_dim)
-        knn_rule.fit(features["train"][train], torch.arange(len(train)), args.keep)
-        scores["kNN (rule below 5 photos per class)"] = knn_rule.score
-        centre = features["train"][train].mean(0)
-        bank_centred = F.normalize(features["train"][train] - centre, dim=1)
-        scores["kNN, centred"] = lambda x: (F.normalize(x - centre, dim=1) @ bank_centred.T).max(1).values
-        scores["max softmax"] = lambda x: head(x).softmax(1).max(1).values
-        scores["energy"] = lambda x: torch.logsumexp(head(x), 1)
-        kept = head.known_score(known) >= threshold
-        result["known_kept"] = float(kept.float().mean())
-        if undrawn:
-            result["undrawn_kept"] = float((head.known_score(features["train"][undrawn]) >= threshold).float().mean())
-        result["accuracy_on_kept"] = float((predicted[kept] == val_labels[kept]).float().mean())
-        result["far_rejected"] = float((head.known_score(far) < threshold).float().mean())
+    logits = head(known)
+    predicted = logits.argmax(1)
+    # "Without the rule": the same head state loaded as an archive made before rules (rule off).
+    state = {k: v for k, v in head.state().items() if not k.startswith("rejection.")}
+    plain_head = head_from_state(head.kind, head.feature_dim, head.num_classes, state)
+    result["accuracy_without_rule"] = share(plain_head(known).argmax(1) == val_labels)
+    result["accuracy_with_rule"] = share(predicted == val_labels)
+    threshold = float(head.rejection.threshold)
+    scores = {RULE: head.known_score}
+    knn_rule = KnnRejection(head.feature_dim)
+    knn_rule.fit(features["train"][train], np.arange(len(train)), args.keep)
+    scores["kNN (rule below 5 photos per class)"] = knn_rule.score
+    centre = features["train"][train].mean(0)
+    bank_centred = l2_normalise(features["train"][train] - centre)
+    scores["kNN, centred"] = lambda x: (l2_normalise(x - centre) @ bank_centred.T).max(1)
+    scores["max softmax"] = lambda x: softmax(head(x)).max(1)
+    scores["energy"] = lambda x: logsumexp(head(x))
+    kept = head.known_score(known) >= threshold
+    result["known_kept"] = share(kept)
+    if undrawn:
+        result["undrawn_kept"] = share(head.known_score(features["train"][undrawn]) >= threshold)
+    result["accuracy_on_kept"] = share(predicted[kept] == val_labels[kept])
+    result["far_rejected"] = share(head.known_score(far) < threshold)
+    if near is not None:
+        result["near_rejected"] = share(head.known_score(near) < threshold)
+    for name, score in scores.items():
+        known_scores = score(known)
+        result[f"{name}|far_auroc"] = auroc(known_scores, score(far))
+        result[f"{name}|far_fpr95"] = fpr_at_keep(known_scores, score(far), 0.95)
         if near is not None:
-            result["near_rejected"] = float((head.known_score(near) < threshold).float().mean())
-        for name, score in scores.items():
-            known_scores = score(known)
-            result[f"{name}|far_auroc"] = auroc(known_scores, score(far))
-            result[f"{name}|far_fpr95"] = fpr_at_keep(known_scores, score(far), 0.95)
-            if near is not None:
-                result[f"{name}|near_auroc"] = auroc(known_scores, score(near))
-                result[f"{name}|near_fpr95"] = fpr_at_keep(known_scores, score(near), 0.95)
+            result[f"{name}|near_auroc"] = auroc(known_scores, score(near))
+            result[f"{name}|near_fpr95"] = fpr_at_keep(known_scores, score(near), 0.95)
     result["threshold"] = threshold
     return result
 
 
 def rule_cost(features: dict, args) -> dict:
-    """Milliseconds of the rule per photo (one photo, and a batch of 8), on one torch thread."""
+    """Milliseconds of the rule per photo (one photo, and a batch of 8), in process (numpy)."""
     classes, train, _ = draw_episode(features, args.ways, args.shots, 0)
     labels, _ = remapped(features, classes, train, [])
     head, _ = fit("prototype", episode_features(features, train, labels), len(classes), 0, args.keep)
     costs = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            for batch in (1, 8):
-                photos = features["val"][:batch]
-                timings = []
-                for _ in range(300):
-                    started = time.perf_counter()
-                    head.known_score(photos)
-                    timings.append(time.perf_counter() - started)
-                costs[f"batch {batch}"] = statistics.median(timings) * 1000 / batch
-    finally:
-        torch.set_num_threads(threads)
+    for batch in (1, 8):
+        photos = features["val"][:batch]
+        timings = []
+        for _ in range(300):
+            started = time.perf_counter()
+            head.known_score(photos)
+            timings.append(time.perf_counter() - started)
+        costs[f"batch {batch}"] = statistics.median(timings) * 1000 / batch
     costs["rule"] = head.rejection.kind
     costs["training_photos"] = len(train)
     return costs
@@ -177,8 +169,7 @@ def accuracy_episode(features: dict, ways: int, shots: int, seed: int) -> dict:
         started = time.perf_counter()
         head, summary = fit(kind, ep, len(classes), seed, 1.0)
         result[f"{kind}|seconds"] = time.perf_counter() - started
-        with torch.no_grad():
-            result[kind] = float((head(features["val"][val]).argmax(1) == val_labels).float().mean())
+        result[kind] = share(head(features["val"][val]).argmax(1) == val_labels)
         if kind == "auto":
             result["choice"] = f"{head.kind} p{float(head.power):g}"
     return result
@@ -247,7 +238,7 @@ def markdown(part1: dict, costs: dict, part2: list[dict], timing: dict | None, a
     lines += ["", "Heads chosen by auto in part 1: " + "; ".join(
         f"{name}: " + ", ".join(f"{k} x{v}" for k, v in Counter(f"{r['head']} p{r['power']:g}" for r in results).items())
         for name, results in part1.items()) + ".", "",
-        f"Cost of the rule (in-process, one torch thread, median of 300): {costs['batch 1']:.3f} ms for one photo, "
+        f"Cost of the rule (in-process, numpy, median of 300): {costs['batch 1']:.3f} ms for one photo, "
         f"{costs['batch 8']:.3f} ms per photo in a batch of 8 (rule {costs['rule']}, {costs['training_photos']} training photos).", ""]
     if part2:
         lines += ["## Part 2: `--head auto`", "",
@@ -312,13 +303,12 @@ def targets(part1: dict, part2: list[dict], costs: dict) -> list[str]:
 def main(args: argparse.Namespace) -> str:
     if args.episodes < 2 or args.ways < 2 or args.shots < 1:
         raise ValueError("--episodes and --ways must be at least 2, --shots at least 1")
-    torch.set_num_threads(1)  # head fits: one thread is fastest (train_head.single_thread)
     started = time.perf_counter()
     extractor = FeatureExtractor(BACKBONE, cache_dir=args.cache_dir, progress=False)
     sets = {name: set_features(extractor, args.datasets_dir / name, args.views) for name in SHARED_SETS}
     part1, costs = {}, {}
     for name in [n for n in args.known.split(",") if n]:
-        far = torch.cat([sets[other]["val"] for other in SHARED_SETS if other != name])
+        far = np.concatenate([sets[other]["val"] for other in SHARED_SETS if other != name])
         part1[name] = []
         for seed in range(args.episodes):
             part1[name].append(openset_episode(sets[name], far, args, seed))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from handlers.backbones import get_backbone
 from handlers.heads import build_head
@@ -29,13 +29,16 @@ def _photos(datasets_dir: Path, split: str, cls: str) -> list[Path]:
     return sorted((datasets_dir / "hymenoptera" / split / cls).iterdir())
 
 
-def _features(datasets_dir: Path, paths: list[Path]) -> torch.Tensor:
+def _features(datasets_dir: Path, paths: list[Path]) -> np.ndarray:
+    import torch  # the eager backbone computes the features here
+
     backbone = get_backbone("efficientnet_lite0")
     if "network" not in _cache:
         _cache["network"] = backbone.load(backbone.resolve_weights()).eval()
     preprocess = ImagePreprocessor(backbone.preprocessing)
     with torch.inference_mode():
-        return _cache["network"].features(torch.stack([preprocess(p.read_bytes()) for p in paths]))
+        images = torch.from_numpy(np.stack([preprocess(p.read_bytes()) for p in paths]))
+        return _cache["network"].features(images).numpy()
 
 
 def head_archives(datasets_dir: Path, out_dir: Path) -> dict[str, Path]:
@@ -52,7 +55,7 @@ def head_archives(datasets_dir: Path, out_dir: Path) -> dict[str, Path]:
             paths += chosen
             labels += [label] * len(chosen)
         head = build_head("prototype", backbone.feature_dim, len(CLASSES))
-        head.fit(_features(datasets_dir, paths), torch.tensor(labels))
+        head.fit(_features(datasets_dir, paths), np.array(labels))
         archives[version] = build_archive(
             name=NAME, version=version, backbone_name=backbone.name, weights_path=backbone.resolve_weights(),
             labels=CLASSES, out_dir=out_dir, head=head, check_images=checks,

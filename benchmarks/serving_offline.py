@@ -130,6 +130,7 @@ def make_resnet18_weights(workdir: Path) -> Path:
 
 def reference_timings(weights: Path, photos: list[Path], reps: int) -> dict:
     """The issue's reference: fp32 eager resnet18, all cores, in this process."""
+    import numpy as np
     import torch
 
     from handlers.backbones import get_backbone
@@ -142,12 +143,12 @@ def reference_timings(weights: Path, photos: list[Path], reps: int) -> dict:
     latencies = []
     with torch.inference_mode():
         for data in sample[:2]:  # warm-up: first calls allocate and pick kernels
-            network(preprocessor(data).unsqueeze(0))
+            network(torch.from_numpy(preprocessor(data)[None]))
         for data in sample[:reps]:
             start = time.perf_counter()
-            network(preprocessor(data).unsqueeze(0))
+            network(torch.from_numpy(preprocessor(data)[None]))
             latencies.append(time.perf_counter() - start)
-        batch = torch.stack([preprocessor(data) for data in sample[:16]])
+        batch = torch.from_numpy(np.stack([preprocessor(data) for data in sample[:16]]))
         forward16 = median_time(lambda: network(batch), max(3, reps // 4))
     return {
         "batch1_latency_ms": statistics.median(latencies) * 1e3,
@@ -179,13 +180,13 @@ def batch_preprocess_timings(preprocessor, sample: list[bytes], batch_size: int)
     one thread per core plus one normalisation of the whole batch (the handler now)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import torch
+    import numpy as np
 
     batches = [sample[i:i + batch_size] for i in range(0, len(sample) - batch_size + 1, batch_size)]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        threaded = median_time(lambda: [preprocessor.normalise(torch.stack(list(pool.map(preprocessor.geometry, b))))
+        threaded = median_time(lambda: [preprocessor.normalise(np.stack(list(pool.map(preprocessor.geometry, b))))
                                          for b in batches], 3)
-    serial = median_time(lambda: [torch.stack([preprocessor(d) for d in b]) for b in batches], 3)
+    serial = median_time(lambda: [np.stack([preprocessor(d) for d in b]) for b in batches], 3)
     images = sum(len(b) for b in batches)
     return {"batch_size": batch_size, "serial_ms_per_image": serial / images * 1e3,
             "threaded_ms_per_image": threaded / images * 1e3}
@@ -214,7 +215,7 @@ def large_photo_timings(photos: list[Path], preprocessor) -> dict:
 
 def fit_heads(datasets: Path) -> dict:
     """{set name: (prototype head fitted on fp32 efficientnet_lite0 features, class names)}."""
-    import torch
+    import numpy as np
 
     from handlers.backbones import get_backbone
     from handlers.heads import build_head
@@ -229,12 +230,11 @@ def fit_heads(datasets: Path) -> dict:
         classes = sorted(d.name for d in (datasets / set_name / "train").iterdir() if d.is_dir())
         train = [(p, i) for i, c in enumerate(classes)
                  for p in sorted((datasets / set_name / "train" / c).iterdir())[:HEAD_SHOTS]]
-        with torch.inference_mode():
-            features = torch.cat([model.features(torch.stack([preprocessor(p.read_bytes()) for p, _ in train[i:i + 32]]))
-                                  for i in range(0, len(train), 32)])
+        features = np.concatenate([model.features(np.stack([preprocessor(p.read_bytes()) for p, _ in train[i:i + 32]]))
+                                   for i in range(0, len(train), 32)])
         head = build_head("prototype", backbone.feature_dim, len(classes))
-        head.fit(features, torch.tensor([i for _, i in train]))
-        heads[set_name] = (head.eval(), classes)
+        head.fit(features, np.array([i for _, i in train]))
+        heads[set_name] = (head, classes)
     return heads
 
 

@@ -7,9 +7,13 @@ decorated with ``@register_backbone``; nothing else in the project names backbon
 Example::
 
     backbone = get_backbone("efficientnet_lite0")
-    net = backbone.load(backbone.resolve_weights())    # FeatureClassifier, eval mode
+    net = backbone.load(backbone.resolve_weights())    # FeatureClassifier (handlers/networks.py), eval mode
     feats = net.features(images)                        # (N, backbone.feature_dim)
     logits = net(images)                                # (N, 1000)
+
+The registry and each backbone's facts (name, ``feature_dim``, ``preprocessing``, where its weights
+are) import without torch: a warm train_head needs them and never imports torch (1.7 s of its 2 s
+budget). The hooks that build or load a torch network import it when called.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-from torch import nn
-
-from handlers import resnet
 from handlers.constants import CROP_SIZE, IMAGENET_MEAN, IMAGENET_STD, RESIZE_SIZE
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from handlers.networks import FeatureClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -42,24 +47,6 @@ class Preprocessing:
 
 class WeightsNotFoundError(RuntimeError):
     """No usable weights file; the message lists every way to provide one."""
-
-
-class FeatureClassifier(nn.Module):
-    """A backbone split into a feature extractor and its ImageNet classifier.
-
-    ``features``: (N, 3, H, W) -> (N, D); ``classifier``: (N, D) -> (N, 1000).
-    """
-
-    def __init__(self, body: nn.Module, classifier: nn.Linear):
-        super().__init__()
-        self.body = body
-        self.classifier = classifier
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.body(images)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.body(images))
 
 
 class Backbone(abc.ABC):
@@ -98,6 +85,10 @@ class Backbone(abc.ABC):
 
     def load(self, weights_path: str | os.PathLike) -> FeatureClassifier:
         """Build the network, load a plain state_dict (weights_only) and return it in eval mode."""
+        import torch  # lazily: the registry's users that run no torch model never pay for it
+
+        from handlers.networks import FeatureClassifier
+
         network = self.build_network()
         state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
         network.load_state_dict(state_dict)
@@ -143,15 +134,21 @@ class ResNet18(Backbone):
 
     def build_network(self) -> nn.Module:
         # handlers/resnet.py, not torchvision: workers have no torchvision (its module says why).
+        from handlers import resnet  # torch: imported only to build the network
+
         return resnet.ResNet18()
 
     def split(self, network):
+        from torch import nn  # lazily, as every torch import of the registry (module docstring)
+
         classifier = network.fc
         network.fc = nn.Identity()  # the body now ends at the flattened global average pool
         return network, classifier
 
     def default_weights(self, allow_download: bool) -> Path:
         from torchvision.models import ResNet18_Weights
+
+        import torch  # lazily, as every torch import of the registry (module docstring)
 
         url = ResNet18_Weights.IMAGENET1K_V1.url
         cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
@@ -191,6 +188,8 @@ class EfficientNetLite0(Backbone):
         return EfficientNet.from_name("efficientnet-lite0")
 
     def split(self, network):
+        from torch import nn  # lazily, as every torch import of the registry (module docstring)
+
         classifier = network._fc
         network._fc = nn.Identity()  # forward() now returns the pooled 1280-d features
         return network, classifier

@@ -23,7 +23,13 @@ FEATURES_GRAPH_FILE = "features.onnx"
 FEATURES_DATA_FILE = "features.onnx.data"  # the archive's serializedFile
 FEATURES_INDEX_FILE = "features.index.json"
 CLASSIFIER_FILE = "classifier.pt"  # plain state_dict of the backbone's ImageNet classifier (ImageNet archives)
-HEAD_FILE = "head.pt"  # plain state_dict of a few-shot head
+# A few-shot head's state (handlers/heads.py ``state()``): named arrays in numpy's .npz, read with
+# allow_pickle=False. Plain arrays only: loading one can run no code, whatever the file holds, and
+# reading it needs no torch.
+HEAD_FILE = "head.npz"
+# What archives made before heads moved to numpy carry instead: the head's torch state_dict (read
+# with torch.load(weights_only=True), its tensors becoming the same named arrays).
+LEGACY_HEAD_FILE = "head.pt"
 LABELS_FILE = "index_to_name.json"  # {"0": "tench", ...}, TorchServe's own convention
 MODEL_INFO_FILE = "model_info.json"  # our manifest: backbone, precision, head, training record
 MODEL_CONFIG_FILE = "model-config.yaml"  # TorchServe's per-model config (batching, workers)

@@ -5,31 +5,32 @@ The two-loop recursion of Nocedal and Wright, *Numerical Optimization* (2nd ed.,
 objective every step keeps the curvature pair positive, so the simple line search suffices, and the
 method reaches the same minimum as torch.optim.LBFGS (tests/unit/test_lbfgs.py compares them).
 
-Why not torch.optim.LBFGS: constructing any torch.optim optimizer imports torch._dynamo and sympy
-on its first use (torch wraps ``Optimizer.__init__`` in ``torch._disable_dynamo``), over a second of a
-warm train_head whose whole budget is 2 s (docs/bench/runtime.md). Only training imports this module
-(``LinearHead.fit``); serving workers never do.
+Why not torch.optim.LBFGS: a warm train_head never imports torch (its import alone costs 1.7 s of a
+2 s budget), and constructing any torch.optim optimizer imports torch._dynamo and sympy on its first
+use (torch wraps ``Optimizer.__init__`` in ``torch._disable_dynamo``), over a second more
+(docs/bench/runtime.md). numpy, in the precision of ``start`` (the linear head's: float32, as its
+torch version ran). Only training imports this module (``LinearHead.fit``); serving workers never do.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
+import numpy as np
 
 ARMIJO = 1e-4  # sufficient decrease: f(x + t d) <= f(x) + ARMIJO * t * g.d (Nocedal and Wright's c1)
 MIN_STEP = 1e-10  # a line search shrinking the step below this gives up (no decrease possible)
 
 
 def minimise(
-    loss_and_grad: Callable[[torch.Tensor], tuple[float, torch.Tensor]],
-    start: torch.Tensor,
+    loss_and_grad: Callable[[np.ndarray], tuple[float, np.ndarray]],
+    start: np.ndarray,
     *,
     max_iter: int = 200,
     history_size: int = 20,
     tolerance_grad: float = 1e-6,
     tolerance_change: float = 1e-9,
-) -> torch.Tensor:
+) -> np.ndarray:
     """Minimise a smooth function of one flat parameter vector.
 
     ``loss_and_grad``: (P,) float64 or float32 parameters -> (loss, (P,) gradient).
@@ -37,12 +38,12 @@ def minimise(
     iterations, stopping early when the largest gradient entry is at most ``tolerance_grad`` or the
     loss or the step changes by less than ``tolerance_change`` (torch.optim.LBFGS's stopping rules).
     """
-    x = start.detach().clone()
+    x = np.array(start)
     loss, grad = loss_and_grad(x)
-    steps: list[torch.Tensor] = []  # s_k = x_{k+1} - x_k
-    changes: list[torch.Tensor] = []  # y_k = g_{k+1} - g_k
+    steps: list[np.ndarray] = []  # s_k = x_{k+1} - x_k
+    changes: list[np.ndarray] = []  # y_k = g_{k+1} - g_k
     for iteration in range(max_iter):
-        if float(grad.abs().max()) <= tolerance_grad:
+        if float(np.abs(grad).max()) <= tolerance_grad:
             break
         direction = -_inverse_hessian_times(grad, steps, changes)
         slope = float(grad.dot(direction))
@@ -50,7 +51,7 @@ def minimise(
             break
         # The first direction is the raw gradient, whose length has no meaning: scale the trial
         # step as torch.optim.LBFGS does (min(1, 1 / |g|_1)); later ones are scaled by the history.
-        step = min(1.0, 1.0 / float(grad.abs().sum())) if iteration == 0 else 1.0
+        step = min(1.0, 1.0 / float(np.abs(grad).sum())) if iteration == 0 else 1.0
         while True:
             candidate = x + step * direction
             new_loss, new_grad = loss_and_grad(candidate)
@@ -64,25 +65,25 @@ def minimise(
             if len(steps) > history_size:
                 steps.pop(0)
                 changes.pop(0)
-        converged = abs(new_loss - loss) < tolerance_change or float(step_taken.abs().max()) <= tolerance_change
+        converged = abs(new_loss - loss) < tolerance_change or float(np.abs(step_taken).max()) <= tolerance_change
         x, loss, grad = candidate, new_loss, new_grad
         if converged:
             break
     return x
 
 
-def _inverse_hessian_times(grad: torch.Tensor, steps: list[torch.Tensor], changes: list[torch.Tensor]) -> torch.Tensor:
+def _inverse_hessian_times(grad: np.ndarray, steps: list[np.ndarray], changes: list[np.ndarray]) -> np.ndarray:
     """The two-loop recursion: H_k g for the L-BFGS inverse-Hessian estimate H_k (P,) -> (P,)."""
-    q = grad.clone()
+    q = grad.copy()
     rhos = [1.0 / float(s.dot(y)) for s, y in zip(steps, changes)]
     alphas = []
     for s, y, rho in zip(reversed(steps), reversed(changes), reversed(rhos)):
         alpha = rho * float(s.dot(q))
-        q.add_(y, alpha=-alpha)
+        q -= alpha * y
         alphas.append(alpha)
     if steps:  # initial Hessian gamma I, gamma = s'y / y'y of the latest pair (Nocedal and Wright eq. 7.20)
-        q.mul_(float(steps[-1].dot(changes[-1])) / float(changes[-1].dot(changes[-1])))
+        q *= float(steps[-1].dot(changes[-1])) / float(changes[-1].dot(changes[-1]))
     for s, y, rho, alpha in zip(steps, changes, rhos, reversed(alphas)):
         beta = rho * float(y.dot(q))
-        q.add_(s, alpha=alpha - beta)
+        q += (alpha - beta) * s
     return q

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from handlers.imaging import ImageError
 
@@ -24,11 +24,11 @@ class Batch:
     """What flows through preprocess -> inference -> postprocess for one TorchServe batch."""
 
     size: int  # number of requests in the batch
-    images: torch.Tensor | None = None  # (M, 3, H, W) for the M requests that decoded
+    images: np.ndarray | None = None  # (M, 3, H, W) float32 for the M requests that decoded
     rows: list[int] = field(default_factory=list)  # request index of each image row
     errors: dict[int, ImageError | RequestError] = field(default_factory=dict)  # request index -> its error
-    probabilities: torch.Tensor | None = None  # (M, C)
-    known_scores: torch.Tensor | None = None  # (M,) rejection scores; None when the model has no rule
+    probabilities: np.ndarray | None = None  # (M, C)
+    known_scores: np.ndarray | None = None  # (M,) rejection scores; None when the model has no rule
     thresholds: dict[int, float | None] = field(default_factory=dict)  # request index -> its rejection threshold
 
 

@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
+import numpy as np
 import torch
 
 # TorchServe's BaseHandler imports openvino.torch (OpenVINO's torch.compile backend) whenever
@@ -31,6 +32,7 @@ sys.modules.setdefault("openvino.torch", None)
 from ts.handler_utils.timer import timed  # noqa: E402
 from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
 
+from handlers.arrays import softmax
 from handlers.constants import KEEP_HEADER, TOP_K, UNKNOWN_LABEL, VERSION_HEADER
 from handlers.handler_metrics import HandlerMetrics
 from handlers.imaging import ImageError, ImagePreprocessor
@@ -94,8 +96,7 @@ class RecognitionHandler(BaseHandler):
         # only: warming a full batch too left ONNX Runtime's arena holding that batch's activations in
         # every idle worker (idle PSS 261-273 MB against 199-220 MB: docs/bench/runtime.md).
         size = self.preprocessor.preprocessing.crop_size
-        with torch.inference_mode():
-            self.model(torch.zeros(1, 3, size, size))
+        self.model(np.zeros((1, 3, size, size), np.float32))
         self._batch_done()
 
     def _batch_done(self):
@@ -127,19 +128,19 @@ class RecognitionHandler(BaseHandler):
                 batch.errors[index] = error
         wanted = [index for index in range(batch.size) if index not in batch.errors]
         results = self._map_rows(self._prepare, [(index, data[index]) for index in wanted])
-        tensors = []
+        images = []
         for index, result in zip(wanted, results):
             if isinstance(result, ImageError):
                 logger.info("request %d of a batch of %d refused: %s", index, batch.size, result)
                 batch.errors[index] = result
             else:
-                tensors.append(result)
+                images.append(result)
                 batch.rows.append(index)
-        if tensors:
-            batch.images = torch.stack(tensors)
+        if images:
+            batch.images = np.stack(images)
         return batch
 
-    def _prepare(self, item) -> torch.Tensor | ImageError:
+    def _prepare(self, item) -> np.ndarray | ImageError:
         """One (index, request) -> float32 (3, crop, crop), or its ImageError (never raised: it answers only that request)."""
         index, row = item
         # The frontend marks requests to /explanations/NAME with this header.
@@ -190,9 +191,8 @@ class RecognitionHandler(BaseHandler):
     @timed
     def inference(self, batch, *args, **kwargs):
         if batch.images is not None:
-            with torch.inference_mode():
-                logits, batch.known_scores = self.model.predict(batch.images)
-                batch.probabilities = logits.softmax(dim=1)
+            logits, batch.known_scores = self.model.predict(batch.images)
+            batch.probabilities = softmax(logits)
         return batch
 
     def explain_handle(self, data_preprocess, raw_data):
@@ -208,7 +208,9 @@ class RecognitionHandler(BaseHandler):
             self.context.set_response_status(code=error.status, phrase=HTTPStatus(error.status).phrase, idx=index)
             responses[index] = {"error": str(error), "code": error.status}
         if batch.probabilities is not None:
-            top_p, top_i = batch.probabilities.topk(self.top_k, dim=1)
+            # Most probable first; among equal probabilities the lower class index first.
+            top_i = np.argsort(-batch.probabilities, axis=1, kind="stable")[:, : self.top_k]
+            top_p = np.take_along_axis(batch.probabilities, top_i, axis=1)
             scores = None if batch.known_scores is None else batch.known_scores.tolist()
             for row, index in enumerate(batch.rows):
                 answer = [

@@ -1,7 +1,9 @@
 """An unpacked model archive turned into a ready model (``handlers.layout`` says where each file is).
 
 The TorchServe handler, the tests and the benchmarks all load models through ``load_recognizer``, so
-"served" and "in-process" mean the same network, weights, precision and labels.
+"served" and "in-process" mean the same network, weights, precision and labels. Images, features and
+logits are numpy arrays; torch runs only the models that are torch's (the eager backbone, the
+ImageNet classifier), which see tensors made from those arrays at their boundary.
 """
 
 from __future__ import annotations
@@ -10,30 +12,32 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from handlers.backbones import Backbone, FeatureClassifier, get_backbone
+from handlers.backbones import Backbone, get_backbone
 from handlers.constants import PRECISIONS
-from handlers.heads import FeatureHead, build_head
-from handlers.layout import CLASSIFIER_FILE, FEATURES_DATA_FILE, HEAD_FILE, ArchiveContents, file_sha256
+from handlers.heads import FeatureHead, head_from_state
+from handlers.layout import (CLASSIFIER_FILE, FEATURES_DATA_FILE, HEAD_FILE, LEGACY_HEAD_FILE, ArchiveContents,
+                             file_sha256)
+from handlers.networks import FeatureClassifier
 from handlers.runtime import PortableFeatures, choose_precision, default_engine, load_portable_features, read_weights
 
 logger = logging.getLogger(__name__)
 
 
-class Recognizer(nn.Module):
+class Recognizer:
     """Frozen backbone plus either its ImageNet classifier or a few-shot head.
 
-    ``forward``: images (N, 3, H, W) float32 -> logits (N, C) float32.
+    ``recognizer(images)``: images (N, 3, H, W) float32 -> logits (N, C) float32, numpy arrays.
     """
 
     def __init__(self, network: FeatureClassifier, head: FeatureHead | None = None, precision: str = "fp32"):
-        super().__init__()
         if precision not in PRECISIONS or precision == "auto":
             raise ValueError(f"unknown precision {precision!r}; choose from fp32, bf16")
         self.network = network.eval()
-        self.head = head.eval() if head is not None else None
+        self.head = head
         self.precision = precision
         body = self.network.body
         # Which runtime computes the features: "openvino", "onnxruntime" or "eager" (torch).
@@ -42,21 +46,24 @@ class Recognizer(nn.Module):
         # resnet18 batch 8 measured 13.1 -> 8.2 ms/image here, outputs within 3e-6).
         self.network = self.network.to(memory_format=torch.channels_last)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) -> (N, D) float32 backbone features."""
         if self.runtime != "eager":  # the engine runs the precision it was loaded with
-            return self.network.features(images)
-        images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            return self.network.features(images).float()
+            return self.network.body(images)
+        tensor = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.network.features(tensor.contiguous(memory_format=torch.channels_last)).float().numpy()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.classify(self.features(images))
 
-    def classify(self, features: torch.Tensor) -> torch.Tensor:
+    def classify(self, features: np.ndarray) -> np.ndarray:
         """(N, D) features -> (N, C) logits. The classifier or head is tiny: it stays in fp32 so
         probabilities stay well calibrated."""
-        return self.network.classifier(features) if self.head is None else self.head(features)
+        if self.head is not None:
+            return self.head(features)
+        with torch.inference_mode():
+            return self.network.classifier(torch.from_numpy(features)).numpy()
 
     @property
     def rejection(self):
@@ -66,7 +73,7 @@ class Recognizer(nn.Module):
             return None
         return self.head.rejection
 
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, 3, H, W) -> logits (N, C) and the rejection rule's known-ness scores (N,), or None
         without a rule; one backbone pass for both."""
         features = self.features(images)
@@ -135,10 +142,20 @@ def load_recognizer(model_dir: str | Path, precision: str | None = None, engine:
     network = FeatureClassifier(body, load_classifier(model_dir, info, backbone)).eval()
     head = None
     if info.get("head"):
-        head = build_head(info["head"]["type"], backbone.feature_dim, info["head"]["num_classes"])
-        head.load_state_dict(torch.load(model_dir / HEAD_FILE, map_location="cpu", weights_only=True))
+        head = head_from_state(info["head"]["type"], backbone.feature_dim, info["head"]["num_classes"],
+                               read_head_state(model_dir))
     labels = contents.labels()
-    recognizer = Recognizer(network, head, chosen)
-    for parameter in recognizer.parameters():
+    for parameter in network.parameters():
         parameter.requires_grad_(False)
-    return LoadedModel(recognizer, labels, info, backbone)
+    return LoadedModel(Recognizer(network, head, chosen), labels, info, backbone)
+
+
+def read_head_state(model_dir: str | Path) -> dict[str, np.ndarray]:
+    """The head's named arrays: ``HEAD_FILE`` (.npz, no pickle), or in archives made before heads
+    were numpy, ``LEGACY_HEAD_FILE``: a torch state_dict whose keys are the same names."""
+    model_dir = Path(model_dir)
+    if (model_dir / HEAD_FILE).is_file():
+        with np.load(model_dir / HEAD_FILE, allow_pickle=False) as saved:
+            return {name: saved[name] for name in saved.files}
+    legacy = torch.load(model_dir / LEGACY_HEAD_FILE, map_location="cpu", weights_only=True)
+    return {name: tensor.numpy() for name, tensor in legacy.items()}

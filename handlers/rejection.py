@@ -26,7 +26,8 @@ Both separate photos of other kinds far better than scores read from the head's 
 softmax, Hendrycks and Gimpel 2017; energy, Liu et al. 2020), which a classifier trained on a few
 classes is confidently wrong about.
 
-Runtime code: no training imports; a rule rides inside a head's state_dict, and ``rule_for_state``
+Runtime code: no training imports, numpy only (a warm train_head never imports torch). A rule rides
+inside its head's state (``state()`` / ``load_state()``: named numpy arrays), and ``rule_for_state``
 tells which rule a saved state holds.
 """
 
@@ -35,10 +36,9 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+import numpy as np
 
+from handlers.arrays import l2_normalise
 
 DEFAULT_KEEP = 0.95
 
@@ -54,7 +54,7 @@ def validate_keep(keep: float) -> float:
     return value
 
 
-def unbiased_lower_quantile(sorted_scores: torch.Tensor, share: float) -> float:
+def unbiased_lower_quantile(sorted_scores: np.ndarray, share: float) -> float:
     """The score below which an unseen photo falls with probability ``share``, from (K,) ascending
     scores of K photos drawn like it: the order statistic at 1-based position (K + 1) * share,
     interpolated (Hyndman and Fan 1996, definition 6; as in split conformal prediction, an unseen
@@ -62,7 +62,7 @@ def unbiased_lower_quantile(sorted_scores: torch.Tensor, share: float) -> float:
     torch.quantile's default (definition 7, position 1 + (K - 1) * share) sits about one order
     statistic higher at K = 100, share 0.05: it kept 0.939 of unseen clothing10 training photos
     instead of 0.95 (docs/bench/openset.md). Positions outside [1, K] clamp to the extremes."""
-    count = sorted_scores.numel()
+    count = len(sorted_scores)
     position = min(max((count + 1) * share, 1.0), float(count))
     below = math.floor(position)
     lower = float(sorted_scores[below - 1])
@@ -71,101 +71,108 @@ def unbiased_lower_quantile(sorted_scores: torch.Tensor, share: float) -> float:
     return lower + (position - below) * (float(sorted_scores[below]) - lower)
 
 
-class RejectionRule(nn.Module):
+class RejectionRule:
     """Base of the rules. ``score``: features (N, D) -> (N,) known-ness (higher: more like the
     training photos; a photo below ``threshold`` is "unknown").
 
-    Buffers shared by every rule (empty until ``fit``; an empty rule rejects nothing):
+    Arrays shared by every rule (empty until ``fit``; an empty rule rejects nothing):
     ``calibration`` (K,) sorted held-out scores of the K training photos; ``keep`` () the share of
-    known photos the default threshold keeps; ``threshold`` () that threshold.
+    known photos the default threshold keeps; ``threshold`` () that threshold. All float32, as
+    stored: the served comparison ``score < threshold`` is between float32 numbers.
     """
 
     kind: ClassVar[str]
+    # The arrays ``state()`` saves, by name (also the keys of the torch state_dicts of older archives).
+    STATE: ClassVar[tuple[str, ...]] = ("calibration", "keep", "threshold")
 
     def __init__(self, feature_dim: int):
-        super().__init__()
         self.feature_dim = feature_dim
-        self.register_buffer("calibration", torch.zeros(0))
-        self.register_buffer("keep", torch.tensor(1.0))
-        self.register_buffer("threshold", torch.tensor(-math.inf))
+        self.calibration = np.zeros(0, np.float32)
+        self.keep = np.array(1.0, np.float32)
+        self.threshold = np.array(-math.inf, np.float32)
 
     @property
     def fitted(self) -> bool:
-        return self.calibration.numel() > 0
+        return self.calibration.size > 0
 
-    def score(self, features: torch.Tensor) -> torch.Tensor:
+    def score(self, features: np.ndarray) -> np.ndarray:
         """(N, D) backbone features -> (N,) known-ness; +inf (keep) for every photo when unfitted."""
         if not self.fitted:
-            return torch.full((features.shape[0],), math.inf)
-        return self._score(features.float())
+            return np.full(features.shape[0], np.inf, np.float32)
+        return self._score(np.asarray(features, np.float32))
 
-    def _score(self, features: torch.Tensor) -> torch.Tensor:
+    def _score(self, features: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def _calibrate(self, heldout: torch.Tensor, keep: float) -> dict:
+    def _calibrate(self, heldout: np.ndarray, keep: float) -> dict:
         """Store (K,) held-out scores of the training photos and the threshold keeping ``keep``."""
-        self.calibration = heldout[torch.isfinite(heldout)].sort().values
-        self.keep = torch.tensor(keep)
-        self.threshold = torch.tensor(self.threshold_for(keep))
+        self.calibration = np.sort(heldout[np.isfinite(heldout)]).astype(np.float32)
+        self.keep = np.array(keep, np.float32)
+        self.threshold = np.array(self.threshold_for(keep), np.float32)
         threshold = float(self.threshold)
         # None, not -inf, when nothing is rejected: manifests are strict JSON (no -Infinity).
         return {"score": self.kind, "keep": keep, "threshold": round(threshold, 6) if math.isfinite(threshold) else None,
-                "calibration_photos": int(self.calibration.numel())}
+                "calibration_photos": int(self.calibration.size)}
 
     def threshold_for(self, keep: float) -> float:
         """The score below which a photo is rejected, keeping about ``keep`` of unseen photos drawn
         like the training photos; -inf (reject nothing) for keep 1 or an unfitted rule."""
         keep = validate_keep(keep)
-        if keep >= 1.0 or self.calibration.numel() == 0:
+        if keep >= 1.0 or self.calibration.size == 0:
             return -math.inf
         return unbiased_lower_quantile(self.calibration, 1.0 - keep)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        # Buffer sizes are the training set's: take each buffer's shape from the saved state. An
-        # archive made before rules existed has none of these keys: the rule stays empty (off).
-        for name in list(self._buffers):
+    def state(self, prefix: str = "") -> dict[str, np.ndarray]:
+        """The rule's arrays by name (``prefix`` + name), as ``load_state`` reads them back."""
+        return {prefix + name: np.asarray(getattr(self, name)) for name in self.STATE}
+
+    def load_state(self, state: dict[str, np.ndarray], prefix: str = "") -> set[str]:
+        """Take each array present under ``prefix`` (its shape is the training set's, so it comes
+        from the state), in the dtype the rule keeps; returns the keys it used. An archive made
+        before rules existed has none of these keys: the rule stays empty (off)."""
+        used = set()
+        for name in self.STATE:
             key = prefix + name
-            if key in state_dict:
-                self._buffers[name] = state_dict[key].detach().clone().to(self._buffers[name].dtype)
+            if key in state:
+                setattr(self, name, np.array(state[key], dtype=np.asarray(getattr(self, name)).dtype))
+                used.add(key)
+        return used
 
 
-def first_row_of_each_group(groups: torch.Tensor) -> torch.Tensor:
+def first_row_of_each_group(groups: np.ndarray) -> np.ndarray:
     """(P,) index of each group's first row (a photo's plain view), groups in ascending id order."""
-    rows = torch.arange(len(groups))
-    _, inverse = groups.unique(return_inverse=True)
-    return torch.full((int(inverse.max()) + 1,), len(groups)).scatter_reduce(0, inverse, rows, "amin")
+    return np.unique(groups, return_index=True)[1]
 
 
 class KnnRejection(RejectionRule):
     """Nearest-training-photo rule. ``score``: features (N, D) -> (N,) cosine to the nearest bank row.
 
-    Buffers besides the shared ones: ``bank`` (M, D) unit-norm training features (train_head stores
+    Arrays besides the shared ones: ``bank`` (M, D) unit-norm training features (train_head stores
     each photo's plain view); ``calibration`` holds leave-one-out scores.
     """
 
     kind = "knn"
+    STATE = (*RejectionRule.STATE, "bank")
 
     def __init__(self, feature_dim: int):
         super().__init__(feature_dim)
-        self.register_buffer("bank", torch.zeros(0, feature_dim))
+        self.bank = np.zeros((0, feature_dim), np.float32)
 
     @property
     def fitted(self) -> bool:
-        return self.bank.shape[0] > 0 and self.calibration.numel() > 0
+        return self.bank.shape[0] > 0 and self.calibration.size > 0
 
     @staticmethod
-    def embed(features: torch.Tensor) -> torch.Tensor:
+    def embed(features: np.ndarray) -> np.ndarray:
         """(N, D) -> (N, D) unit vectors. No centring: on the training mean of a few classes it
         measured worse for far unknowns (AUROC 0.981 vs 1.000, docs/bench/openset.md)."""
-        return F.normalize(features.float(), dim=1)
+        return l2_normalise(np.asarray(features, np.float32))
 
-    def _score(self, features: torch.Tensor) -> torch.Tensor:
-        return (self.embed(features) @ self.bank.T).max(dim=1).values
+    def _score(self, features: np.ndarray) -> np.ndarray:
+        return (self.embed(features) @ self.bank.T).max(axis=1)
 
-    @torch.no_grad()
-    def fit(self, features: torch.Tensor, groups: torch.Tensor, keep: float = DEFAULT_KEEP,
-            labels: torch.Tensor | None = None) -> dict:
+    def fit(self, features: np.ndarray, groups: np.ndarray, keep: float = DEFAULT_KEEP,
+            labels: np.ndarray | None = None) -> dict:
         """``features`` (M, D): training rows; ``groups`` (M,): the image of each row (augmented views
         share their photo's id; the first row of each group is the photo's plain view); ``labels``
         (M,) accepted for a common signature and unused."""
@@ -173,33 +180,33 @@ class KnnRejection(RejectionRule):
         bank = self.embed(features)
         similarity = bank @ bank.T
         same_photo = groups[:, None] == groups[None, :]
-        similarity.masked_fill_(same_photo, -math.inf)
+        similarity[same_photo] = -np.inf
         # One calibration score per photo, from its plain view (what a served photo looks like); a
         # lone photo has no neighbour to be scored against (-inf, dropped).
         self.bank = bank
-        summary = self._calibrate(similarity[first_row_of_each_group(groups)].max(dim=1).values, keep)
+        summary = self._calibrate(similarity[first_row_of_each_group(groups)].max(axis=1), keep)
         return {**summary, "bank_rows": int(self.bank.shape[0])}
 
 
-def _shrunk_gaussian(residuals: torch.Tensor, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _shrunk_gaussian(residuals: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Precision of the covariance of (n, D) ``residuals`` shrunk towards the identity:
     inv((1 - s) S + s v I) with S = R^T R / n and v = trace(S) / D, kept in low-rank form (Woodbury):
     ``scale`` * (I - B diag(w) B^T). Returns (basis B (D, r), weights w (r,), scale ()), r <= n."""
     count, dim = residuals.shape
-    variance = (residuals.pow(2).sum() / (count * dim)).clamp(min=1e-12)
-    _, singular, right = torch.linalg.svd(residuals, full_matrices=False)
-    eigen = (1.0 - shrinkage) * singular.pow(2) / count
+    variance = max(np.square(residuals).sum() / np.float32(count * dim), np.float32(1e-12))
+    _, singular, right = np.linalg.svd(residuals, full_matrices=False)
+    eigen = (1.0 - shrinkage) * np.square(singular) / np.float32(count)
     weights = eigen / (eigen + shrinkage * variance)
     useful = weights > 1e-6  # directions the residuals do not span add nothing
-    return right[useful].T.contiguous(), weights[useful], 1.0 / (shrinkage * variance)
+    return np.ascontiguousarray(right[useful].T), weights[useful], np.array(1.0 / (shrinkage * variance), np.float32)
 
 
-def _squared_distances(z: torch.Tensor, means: torch.Tensor, basis: torch.Tensor, weights: torch.Tensor,
-                       scale: torch.Tensor) -> torch.Tensor:
+def _squared_distances(z: np.ndarray, means: np.ndarray, basis: np.ndarray, weights: np.ndarray,
+                       scale: np.ndarray) -> np.ndarray:
     """(N, D) points, (K, D) means and a low-rank precision -> (N, K) squared Mahalanobis distances."""
-    euclidean = (z.pow(2).sum(1, keepdim=True) - 2.0 * z @ means.T + means.pow(2).sum(1)).clamp(min=0)
-    projected = (z @ basis).unsqueeze(1) - (means @ basis).unsqueeze(0)  # (N, K, r)
-    return scale * (euclidean - (projected.pow(2) * weights).sum(-1))
+    euclidean = np.maximum(np.square(z).sum(1, keepdims=True) - 2.0 * z @ means.T + np.square(means).sum(1), 0)
+    projected = (z @ basis)[:, None, :] - (means @ basis)[None, :, :]  # (N, K, r)
+    return scale * (euclidean - (np.square(projected) * weights).sum(-1))
 
 
 class RelativeMahalanobisRejection(RejectionRule):
@@ -209,13 +216,16 @@ class RelativeMahalanobisRejection(RejectionRule):
     covariance (the "background": subtracting it cancels what every photo of this kind shares),
     z = L2-normalised square root of the features. Covariances shrunk towards the identity.
 
-    Buffers besides the shared ones: ``class_means`` (C, D); ``class_basis`` (D, r), ``class_weights``
+    Arrays besides the shared ones: ``class_means`` (C, D); ``class_basis`` (D, r), ``class_weights``
     (r,), ``class_scale`` (): the within-class precision (``_shrunk_gaussian``); ``background_mean``
     (D,), ``background_basis`` (D, r0), ``background_weights`` (r0,), ``background_scale`` ().
     ``calibration`` holds scores of each training photo by a rule fitted without its fold.
     """
 
     kind = "rmd"
+    PARAMETERS = ("class_means", "class_basis", "class_weights", "class_scale", "background_mean",
+                  "background_basis", "background_weights", "background_scale")
+    STATE = (*RejectionRule.STATE, *PARAMETERS)
     # Shrinkage towards the identity: 0.9 and 0.95 measured within noise of each other (near AUROC on
     # clothing10 / signdigits10 episodes other than the benchmark's); 0.8 and 0.98 lower on one set.
     SHRINKAGE = 0.9
@@ -231,35 +241,36 @@ class RelativeMahalanobisRejection(RejectionRule):
 
     def __init__(self, feature_dim: int):
         super().__init__(feature_dim)
-        self.register_buffer("class_means", torch.zeros(0, feature_dim))
-        self.register_buffer("class_basis", torch.zeros(feature_dim, 0))
-        self.register_buffer("class_weights", torch.zeros(0))
-        self.register_buffer("class_scale", torch.tensor(1.0))
-        self.register_buffer("background_mean", torch.zeros(feature_dim))
-        self.register_buffer("background_basis", torch.zeros(feature_dim, 0))
-        self.register_buffer("background_weights", torch.zeros(0))
-        self.register_buffer("background_scale", torch.tensor(1.0))
+        self.class_means = np.zeros((0, feature_dim), np.float32)
+        self.class_basis = np.zeros((feature_dim, 0), np.float32)
+        self.class_weights = np.zeros(0, np.float32)
+        self.class_scale = np.array(1.0, np.float32)
+        self.background_mean = np.zeros(feature_dim, np.float32)
+        self.background_basis = np.zeros((feature_dim, 0), np.float32)
+        self.background_weights = np.zeros(0, np.float32)
+        self.background_scale = np.array(1.0, np.float32)
 
     @property
     def fitted(self) -> bool:
-        return self.class_means.shape[0] > 0 and self.calibration.numel() > 0
+        return self.class_means.shape[0] > 0 and self.calibration.size > 0
 
     @staticmethod
-    def embed(features: torch.Tensor) -> torch.Tensor:
+    def embed(features: np.ndarray) -> np.ndarray:
         """(N, D) -> (N, D): sign-preserving square root (Hu et al. 2021; makes the skewed activations
         closer to Gaussian: near AUROC +0.01 on both sets), then L2 (+0.03 to +0.05 on clothing10)."""
-        features = features.float()
-        return F.normalize(features.sign() * features.abs().sqrt(), dim=1)
+        features = np.asarray(features, np.float32)
+        return l2_normalise(np.sign(features) * np.sqrt(np.abs(features)))
 
     @classmethod
-    def applies(cls, labels: torch.Tensor | None) -> bool:
+    def applies(cls, labels: np.ndarray | None) -> bool:
         """Whether (M,) photo labels give every class enough photos for this rule."""
-        return labels is not None and len(labels) > 0 and int(torch.bincount(labels).min()) >= cls.MIN_PHOTOS
+        return labels is not None and len(labels) > 0 and int(np.bincount(labels).min()) >= cls.MIN_PHOTOS
 
     @staticmethod
-    def _estimate(z: torch.Tensor, labels: torch.Tensor, num_classes: int, shrinkage: float) -> dict:
-        means = torch.zeros(num_classes, z.shape[1]).index_add_(0, labels, z)
-        means /= torch.bincount(labels, minlength=num_classes).clamp(min=1).unsqueeze(1).float()
+    def _estimate(z: np.ndarray, labels: np.ndarray, num_classes: int, shrinkage: float) -> dict:
+        means = np.zeros((num_classes, z.shape[1]), np.float32)
+        np.add.at(means, labels, z)
+        means /= np.maximum(np.bincount(labels, minlength=num_classes), 1)[:, None].astype(np.float32)
         background = z.mean(0)
         class_basis, class_weights, class_scale = _shrunk_gaussian(z - means[labels], shrinkage)
         background_basis, background_weights, background_scale = _shrunk_gaussian(z - background, shrinkage)
@@ -268,19 +279,18 @@ class RelativeMahalanobisRejection(RejectionRule):
                 "background_weights": background_weights, "background_scale": background_scale}
 
     @staticmethod
-    def _relative_score(z: torch.Tensor, p: dict) -> torch.Tensor:
+    def _relative_score(z: np.ndarray, p: dict) -> np.ndarray:
         """(N, D) embedded features and the rule's parameters -> (N,) known-ness."""
         per_class = _squared_distances(z, p["class_means"], p["class_basis"], p["class_weights"], p["class_scale"])
-        background = _squared_distances(z, p["background_mean"].unsqueeze(0), p["background_basis"],
-                                         p["background_weights"], p["background_scale"])
-        return -(per_class - background).min(dim=1).values
+        background = _squared_distances(z, p["background_mean"][None, :], p["background_basis"],
+                                        p["background_weights"], p["background_scale"])
+        return -(per_class - background).min(axis=1)
 
-    def _score(self, features: torch.Tensor) -> torch.Tensor:
-        return self._relative_score(self.embed(features), self._buffers)
+    def _score(self, features: np.ndarray) -> np.ndarray:
+        return self._relative_score(self.embed(features), {name: getattr(self, name) for name in self.PARAMETERS})
 
-    @torch.no_grad()
-    def fit(self, features: torch.Tensor, groups: torch.Tensor, keep: float = DEFAULT_KEEP,
-            labels: torch.Tensor | None = None) -> dict:
+    def fit(self, features: np.ndarray, groups: np.ndarray, keep: float = DEFAULT_KEEP,
+            labels: np.ndarray | None = None) -> dict:
         """``features`` (M, D) training rows, ``groups`` (M,) the image of each row, ``labels`` (M,) in
         [0, C). Only each photo's plain view (its group's first row) is used. Calibration: photos of
         each class dealt round-robin into ``FOLDS`` folds; each fold scored by a rule fitted on the others."""
@@ -293,20 +303,20 @@ class RelativeMahalanobisRejection(RejectionRule):
             raise ValueError(f"the relative Mahalanobis rule needs at least {self.MIN_PHOTOS} photos per class")
         num_classes = int(labels.max()) + 1
         folds = min(self.FOLDS, len(labels))
-        fold = torch.empty(len(labels), dtype=torch.long)
+        fold = np.empty(len(labels), np.int64)
         offset = 0
         for label in range(num_classes):
-            members = (labels == label).nonzero().flatten()
-            fold[members] = (torch.arange(len(members)) + offset) % folds
+            members = np.flatnonzero(labels == label)
+            fold[members] = (np.arange(len(members)) + offset) % folds
             offset += len(members)  # classes start on different folds: folds stay balanced in size
-        heldout = torch.empty(len(labels))
+        heldout = np.empty(len(labels), np.float32)
         for index in range(folds):
             held = fold == index
             if held.any():
                 fitted = self._estimate(z[~held], labels[~held], num_classes, self.SHRINKAGE)
                 heldout[held] = self._relative_score(z[held], fitted)
         for name, value in self._estimate(z, labels, num_classes, self.SHRINKAGE).items():
-            self._buffers[name] = value.float()
+            setattr(self, name, np.asarray(value, np.float32))
         return {**self._calibrate(heldout, keep), "shrinkage": self.SHRINKAGE, "folds": folds,
                 "rank": int(self.class_basis.shape[1])}
 
@@ -314,15 +324,15 @@ class RelativeMahalanobisRejection(RejectionRule):
 RULES: dict[str, type[RejectionRule]] = {rule.kind: rule for rule in (KnnRejection, RelativeMahalanobisRejection)}
 
 
-def rule_for_labels(feature_dim: int, labels: torch.Tensor | None) -> RejectionRule:
+def rule_for_labels(feature_dim: int, labels: np.ndarray | None) -> RejectionRule:
     """The rule to fit for (M,) training labels: relative Mahalanobis where every class has enough
     photos, else kNN."""
     return (RelativeMahalanobisRejection if RelativeMahalanobisRejection.applies(labels) else KnnRejection)(feature_dim)
 
 
-def rule_for_state(state_dict: dict, prefix: str, feature_dim: int) -> RejectionRule:
-    """An empty rule of the kind whose buffers a saved head state holds under ``prefix`` ("...rejection.").
+def rule_for_state(state: dict, prefix: str, feature_dim: int) -> RejectionRule:
+    """An empty rule of the kind whose arrays a saved head state holds under ``prefix`` ("...rejection.").
     kNN archives (and archives made before rules: an empty kNN rule, off) load as they were saved."""
-    if prefix + "class_means" in state_dict:
+    if prefix + "class_means" in state:
         return RelativeMahalanobisRejection(feature_dim)
     return KnnRejection(feature_dim)

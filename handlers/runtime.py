@@ -25,8 +25,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from handlers.layout import FEATURES_DATA_FILE, FEATURES_GRAPH_FILE, FEATURES_INDEX_FILE, file_sha256
 from handlers.machine import cpu_flags
@@ -92,8 +90,11 @@ def choose_precision(info: dict, requested: str | None = None) -> tuple[str, str
     return "bf16", f"bf16 allowed by the accuracy guard ({verdict.get('reason')}) and fast here"
 
 
-def read_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The backbone body's state_dict, read from the graph's raw weights file through its index."""
+def read_weights(model_dir: str | Path) -> dict:
+    """The backbone body's state_dict (torch tensors), read from the graph's raw weights file through
+    its index: for the eager fallback."""
+    import torch  # only the eager fallback runs torch; the ONNX path and training never import it here
+
     model_dir = Path(model_dir)
     index = json.loads((model_dir / FEATURES_INDEX_FILE).read_text())
     raw = np.fromfile(model_dir / FEATURES_DATA_FILE, dtype=np.uint8)
@@ -106,11 +107,11 @@ def read_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-class PortableFeatures(nn.Module):
-    """The feature body run by an ONNX engine: (N, 3, H, W) float32 -> (N, D) float32, any N."""
+class PortableFeatures:
+    """The feature body run by an ONNX engine: ``body(images)``, numpy (N, 3, H, W) float32 -> (N, D)
+    float32, any N. numpy in and out: no torch on this path (a warm train_head never imports it)."""
 
     def __init__(self, graph: Path, engine: str, precision: str, threads: int):
-        super().__init__()
         self.engine, self.precision, self.threads = engine, precision, threads
         if engine == "openvino":
             import openvino as ov
@@ -151,9 +152,8 @@ class PortableFeatures(nn.Module):
     def _run_onnxruntime(self, images: np.ndarray) -> np.ndarray:
         return self._session.run(None, {self._input: images})[0]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(images.detach().to(torch.float32).numpy())
-        return torch.from_numpy(self._run(array))
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self._run(np.ascontiguousarray(images, dtype=np.float32))
 
 
 def load_portable_features(model_dir: str | Path, record: dict, engine: str, precision: str,

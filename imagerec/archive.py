@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 import yaml
 
 import handlers
@@ -151,12 +151,14 @@ def base_manifest(name: str, version: str, backbone_name: str, weights_path: str
 
 
 def write_model_files(folder: Path, labels: list[str], head, backbone, weights_path: str | Path) -> None:
-    """The class names, and the head's state_dict or (ImageNet archives) the backbone's classifier:
-    the body's weights are already in the graph's raw file."""
+    """The class names, and the head's state (named arrays, no pickle) or (ImageNet archives) the
+    backbone's classifier: the body's weights are already in the graph's raw file."""
     (folder / LABELS_FILE).write_text(json.dumps({str(i): label for i, label in enumerate(labels)}, indent=1))
     if head is not None:
-        torch.save(head.state_dict(), folder / HEAD_FILE)
+        np.savez(folder / HEAD_FILE, **head.state())
     else:
+        import torch  # only ImageNet archives save a torch classifier; a head build never imports torch
+
         torch.save(backbone.load(weights_path).classifier.state_dict(), folder / CLASSIFIER_FILE)
 
 

@@ -12,6 +12,8 @@ graph, and the same raw file is the eager fallback's weights (read through the i
 carries the backbone's weights once.
 
 Runs in the build environment (torch with ``torch.onnx`` and onnxscript); the worker never imports it.
+torch itself is imported only to export: finding a cached export (a warm train_head) must not pay
+the 1.7 s its import costs.
 """
 
 from __future__ import annotations
@@ -28,10 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from handlers.backbones import get_backbone
 from handlers.layout import FEATURES_DATA_FILE, FEATURES_GRAPH_FILE, FEATURES_INDEX_FILE, file_sha256
+from handlers.machine import torch_version
 from imagerec.paths import user_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ def default_cache_dir() -> Path:
 
 def exporter_version() -> dict:
     """What an export depends on besides the weights: the exporter's packages and our format."""
-    versions = {"format": EXPORT_FORMAT, "torch": torch.__version__}
+    # torch's version from its package metadata: the cache key must be computable without importing torch.
+    versions = {"format": EXPORT_FORMAT, "torch": torch_version()}
     for package in ("onnxscript", "onnx_ir"):
         try:
             versions[package] = importlib.metadata.version(package)
@@ -63,6 +65,7 @@ def _export(backbone_name: str, weights: Path, target_dir: Path) -> None:
     """Export the feature body of ``weights`` into ``target_dir`` (graph + raw weights + index)."""
     import onnx
     import onnx_ir
+    import torch  # here, not at the top: only an actual export needs it (module docstring)
     from onnx import external_data_helper, numpy_helper
     from onnxscript import optimizer
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-import torch
+import numpy as np
 
 from handlers.backbones import get_backbone
 from handlers.imaging import decode_image, eval_transform
@@ -55,10 +56,13 @@ def native_reduced_precisions() -> list[str]:
     return [precision for precision in REDUCED_PRECISIONS if precision in native]
 
 
-def graph_features(graph_dir: Path, precision: str, threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+Features = Callable[[np.ndarray], np.ndarray]  # images (N, 3, H, W) -> features (N, D), float32
+
+
+def graph_features(graph_dir: Path, precision: str, threads: int | None = None) -> Features:
     """(N, 3, H, W) -> (N, D) features of the exported graph in ``precision`` (the worker's engine)."""
     return PortableFeatures(Path(graph_dir) / FEATURES_GRAPH_FILE, GUARD_ENGINE, precision,
-                            threads or torch.get_num_threads())
+                            threads or os.cpu_count() or 1)
 
 
 def read_labelled_photos(photos_dir: Path) -> list[tuple[Path, int]]:
@@ -71,52 +75,56 @@ def read_labelled_photos(photos_dir: Path) -> list[tuple[Path, int]]:
     return [(photos_dir / row["file"], int(row["index"])) for row in rows]
 
 
-def eval_images(paths: list[Path], backbone_name: str, threads: int = 2) -> torch.Tensor:
+def eval_images(paths: list[Path], backbone_name: str, threads: int = 2) -> np.ndarray:
     """(N, 3, crop, crop) eval-transformed images (the served preprocessing)."""
     preprocessing = get_backbone(backbone_name).preprocessing
     transform = eval_transform(preprocessing)
 
-    def load(path: Path) -> torch.Tensor:
+    def load(path: Path) -> np.ndarray:
         return transform(decode_image(Path(path).read_bytes(), min_side=preprocessing.resize_size))
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return torch.stack(list(pool.map(load, paths)))
+        return np.stack(list(pool.map(load, paths)))
 
 
-def batched(features: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    with torch.inference_mode():
-        return torch.cat([features(chunk) for chunk in images.split(batch_size)])
+def batched(features: Features, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    return np.concatenate([features(images[start:start + batch_size]) for start in range(0, len(images), batch_size)])
 
 
-def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(dim=1) == labels).float().mean().item()
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(logits.argmax(axis=1) == labels))
 
 
-def guard_imagenet(graph_dir: Path, backbone_name: str, classifier: torch.nn.Module, photos_dir: Path,
-                   tolerance: float = DEFAULT_TOLERANCE,
-                   candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> dict:
+def guard_imagenet(graph_dir: Path, backbone_name: str, classifier, photos_dir: Path,
+                   tolerance: float = DEFAULT_TOLERANCE, candidates: dict[str, Features] | None = None) -> dict:
     """Verdicts for the ImageNet model: Top-1 of each reduced precision against fp32 on labelled photos.
-
+    ``classifier``: the backbone's ImageNet classifier (a torch module, (N, D) -> (N, 1000)).
     ``candidates``: precision -> feature function, to judge other settings than this machine's
     native ones (tests pass a deliberately bad one).
     """
+    import torch  # the ImageNet classifier is a torch module; judging a head never imports torch
+
     photos = read_labelled_photos(photos_dir)
     images = eval_images([path for path, _ in photos], backbone_name)
-    labels = torch.tensor([label for _, label in photos])
-    with torch.inference_mode():
-        fp32 = top1(classifier(batched(graph_features(graph_dir, "fp32"), images)), labels)
-        logger.info("accuracy guard: fp32 ImageNet Top-1 %.4f on %d photos", fp32, len(photos))
-        return _judge_candidates(graph_dir, candidates, "imagenet_top1", fp32, len(photos),
-                                 lambda features: top1(classifier(batched(features, images)), labels), tolerance)
+    labels = np.array([label for _, label in photos])
+
+    def classify(features: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return classifier(torch.from_numpy(features)).numpy()
+
+    fp32 = top1(classify(batched(graph_features(graph_dir, "fp32"), images)), labels)
+    logger.info("accuracy guard: fp32 ImageNet Top-1 %.4f on %d photos", fp32, len(photos))
+    return _judge_candidates(graph_dir, candidates, "imagenet_top1", fp32, len(photos),
+                             lambda features: top1(classify(batched(features, images)), labels), tolerance)
 
 
-def guard_head(graph_dir: Path, head: torch.nn.Module, val_images: torch.Tensor, val_labels: torch.Tensor,
+def guard_head(graph_dir: Path, head, val_images: np.ndarray, val_labels: np.ndarray,
                fp32_accuracy: float, tolerance: float = DEFAULT_TOLERANCE,
-               candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> dict:
-    """Verdicts for a few-shot head: its validation accuracy in each reduced precision against fp32."""
-    with torch.inference_mode():
-        return _judge_candidates(graph_dir, candidates, "val_accuracy", fp32_accuracy, len(val_labels),
-                                 lambda features: top1(head(batched(features, val_images)), val_labels), tolerance)
+               candidates: dict[str, Features] | None = None) -> dict:
+    """Verdicts for a few-shot head (handlers/heads.py): its validation accuracy in each reduced
+    precision against fp32."""
+    return _judge_candidates(graph_dir, candidates, "val_accuracy", fp32_accuracy, len(val_labels),
+                             lambda features: top1(head(batched(features, val_images)), val_labels), tolerance)
 
 
 def _judge_candidates(graph_dir, candidates, metric, fp32, images, accuracy_of, tolerance) -> dict:

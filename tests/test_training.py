@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from handlers.layout import read_archive_info
+from handlers.imaging import ImagePreprocessor
+from handlers.layout import HEAD_FILE, LEGACY_HEAD_FILE, extract_archive, read_archive_info
+from handlers.recognizer import load_recognizer
 from imagerec.management import EXIT_UNREACHABLE
+from imagerec.paths import PROJECT_ROOT
 from imagerec.torchserve import free_port
 from training.progress import read_progress
 from training import train_head
 from training.data import DataError, load_dataset
 
 from tests.support import make_subset
-
-
-
 
 
 # ---------------------------------------------------------------- data checks
@@ -124,7 +127,7 @@ def test_train_head_writes_archive_report_and_reuses_cache(datasets_dir, tmp_pat
     assert [c["label"] for c in info["check_images"]] == ["ants", "ants", "bees", "bees"]
     with zipfile.ZipFile(archive) as zf:
         names = set(zf.namelist())
-    assert {"head.pt", "features.onnx", "features.onnx.data", "index_to_name.json", "model_info.json"} <= names
+    assert {HEAD_FILE, "features.onnx", "features.onnx.data", "index_to_name.json", "model_info.json"} <= names
     assert "weights.pt" not in names and "classifier.pt" not in names  # a head needs neither
     assert {c["file"] for c in info["check_images"]} <= names
 
@@ -156,6 +159,61 @@ def test_train_head_writes_archive_report_and_reuses_cache(datasets_dir, tmp_pat
                            "--key-file", str(tmp_path / "no-server" / "key_file.json")])
     assert code == EXIT_UNREACHABLE
     assert (out / "bees_ants_v3.mar").is_file()
+
+
+# Runs train_head as a user does, then says whether torch was imported: train_head's __main__ ends in
+# sys.exit, so the check runs once that SystemExit has been caught.
+_RUN_AND_REPORT_TORCH = """
+import runpy, sys
+sys.argv = [{script!r}, *{arguments!r}]
+try:
+    runpy.run_path({script!r}, run_name="__main__")
+except SystemExit as done:
+    code = done.code
+print("exit", code, "torch imported", "torch" in sys.modules)
+"""
+
+
+def test_a_warm_train_head_never_imports_torch(datasets_dir, tmp_path):
+    """Features and the exported graph cached (the same photos trained once before): the second run
+    fits, evaluates and writes the archive without importing torch (its import alone costs 1.7 s of
+    the 2 s budget of such a run), for the default auto head and with the accuracy guard as it runs here."""
+    data = make_subset(datasets_dir, tmp_path / "data", classes=("ants", "bees"), train=8, val=4, layout="train/val")
+    script = str(PROJECT_ROOT / "training" / "train_head.py")
+    common = [str(data), "--backbone", "efficientnet_lite0", "--cache-dir", str(tmp_path / "cache"),
+              "--out", str(tmp_path / "out"), "--no-progress", "--name", "warm"]
+    cold = subprocess.run([sys.executable, script, *common, "--version", "1"], capture_output=True, text=True,
+                          timeout=600, cwd=PROJECT_ROOT)
+    assert cold.returncode == 0, cold.stderr[-3000:]
+    for version, options in (("2", []), ("3", ["--head", "linear", "--weight-decay", "0.01"])):
+        code = _RUN_AND_REPORT_TORCH.format(script=script, arguments=[*common, "--version", version, *options])
+        warm = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT)
+        assert warm.returncode == 0, warm.stderr[-3000:]
+        assert warm.stdout.strip().splitlines()[-1] == "exit 0 torch imported False", (warm.stdout, warm.stderr[-3000:])
+        report = json.loads((tmp_path / "out" / f"warm_v{version}.report.json").read_text())
+        assert report["features"]["extracted"] == 0 and report["features"]["cached"] > 0
+
+
+def test_an_archive_made_before_the_numpy_heads_serves_as_it_did(datasets_dir, tmp_path):
+    """An archive carrying head.pt (the head's torch state_dict, as archives made before head.npz
+    carry it) loads through the worker's loader and answers exactly as the same head saved as head.npz."""
+    data = make_subset(datasets_dir, tmp_path / "data", classes=("ants", "bees"), train=8, val=4, layout="train/val")
+    assert train_head.run([str(data), "--backbone", "efficientnet_lite0", "--cache-dir", str(tmp_path / "cache"),
+                           "--out", str(tmp_path / "out"), "--no-progress", "--name", "legacy", "--head", "ensemble"]) == 0
+    current = extract_archive(tmp_path / "out" / "legacy_v1.0.mar", tmp_path / "current")
+    older = extract_archive(tmp_path / "out" / "legacy_v1.0.mar", tmp_path / "older")
+    import torch  # the test writes the older format the way the torch heads did
+
+    with np.load(older / HEAD_FILE, allow_pickle=False) as saved:
+        torch.save({name: torch.from_numpy(saved[name]) for name in saved.files}, older / LEGACY_HEAD_FILE)
+    (older / HEAD_FILE).unlink()
+    photos = sorted((datasets_dir / "hymenoptera" / "val" / "bees").iterdir())[-4:]
+    now, before = load_recognizer(current), load_recognizer(older)
+    images = np.stack([ImagePreprocessor(now.backbone.preprocessing)(p.read_bytes()) for p in photos])
+    logits, scores = now.recognizer.predict(images)
+    older_logits, older_scores = before.recognizer.predict(images)
+    assert np.array_equal(logits, older_logits) and np.array_equal(scores, older_scores)
+    assert float(before.recognizer.rejection.threshold) == float(now.recognizer.rejection.threshold)
 
 
 # ---------------------------------------------------------------- data folders with surprises (issue 9)

@@ -15,9 +15,9 @@ import logging
 import random
 from dataclasses import asdict, dataclass
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 
+from handlers.arrays import cross_entropy
 from handlers.heads import build_head
 
 logger = logging.getLogger(__name__)
@@ -66,54 +66,53 @@ def candidates(has_views: bool) -> list[Candidate]:
     return found
 
 
-def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> list[torch.Tensor]:
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
     """Photo indices of each fold; every class's photos dealt round-robin after a seeded shuffle."""
     rng = random.Random(seed)
-    assignment = torch.empty(len(labels), dtype=torch.long)
+    assignment = np.empty(len(labels), np.int64)
     offset = 0
-    for label in labels.unique().tolist():
-        members = (labels == label).nonzero().flatten().tolist()
+    for label in np.unique(labels).tolist():
+        members = np.flatnonzero(labels == label).tolist()
         rng.shuffle(members)
         for position, member in enumerate(members):
             assignment[member] = (position + offset) % folds
         offset += len(members)  # classes start on different folds: folds stay balanced in size
-    return [(assignment == fold).nonzero().flatten() for fold in range(folds)]
+    return [np.flatnonzero(assignment == fold) for fold in range(folds)]
 
 
-def _rows(plain: torch.Tensor, augmented: torch.Tensor | None, labels: torch.Tensor, photos: torch.Tensor):
+def _rows(plain: np.ndarray, augmented: np.ndarray | None, labels: np.ndarray, photos: np.ndarray):
     """Training rows of ``photos``: (rows (M, D), labels (M,), groups (M,))."""
     rows, row_labels, groups = [plain[photos]], [labels[photos]], [photos]
     if augmented is not None:
         views = augmented.shape[1]
         rows.append(augmented[photos].reshape(-1, augmented.shape[-1]))
-        row_labels.append(labels[photos].repeat_interleave(views))
-        groups.append(photos.repeat_interleave(views))
-    return torch.cat(rows), torch.cat(row_labels), torch.cat(groups)
+        row_labels.append(np.repeat(labels[photos], views))
+        groups.append(np.repeat(photos, views))
+    return np.concatenate(rows), np.concatenate(row_labels), np.concatenate(groups)
 
 
-def cross_validate(candidate: Candidate, plain: torch.Tensor, augmented: torch.Tensor | None, labels: torch.Tensor,
-                   num_classes: int, folds: list[torch.Tensor], seed: int = 0) -> dict:
+def cross_validate(candidate: Candidate, plain: np.ndarray, augmented: np.ndarray | None, labels: np.ndarray,
+                   num_classes: int, folds: list[np.ndarray], seed: int = 0) -> dict:
     """Mean held-out accuracy and log-loss of ``candidate`` over ``folds``.
 
     ``plain`` (N, D) one row per photo; ``augmented`` (N, V, D) or None; ``labels`` (N,)."""
     correct, nll, count = 0, 0.0, 0
-    everyone = torch.arange(len(labels))
+    everyone = np.arange(len(labels))
     for held in folds:
         if not len(held):
             continue
-        train = everyone[~torch.isin(everyone, held)]
+        train = everyone[~np.isin(everyone, held)]
         rows, row_labels, groups = _rows(plain, augmented if candidate.views else None, labels, train)
         head = build_head(candidate.kind, plain.shape[1], num_classes)
         head.fit(rows, row_labels, groups=groups, seed=seed, **candidate.fit_options())
-        with torch.no_grad():
-            logits = head(plain[held])
+        logits = head(plain[held])
         correct += int((logits.argmax(1) == labels[held]).sum())
-        nll += float(F.cross_entropy(logits, labels[held], reduction="sum"))
+        nll += cross_entropy(logits, labels[held], reduction="sum")
         count += len(held)
     return {"accuracy": correct / count, "nll": nll / count}
 
 
-def choose_head(plain: torch.Tensor, augmented: torch.Tensor | None, labels: torch.Tensor, num_classes: int,
+def choose_head(plain: np.ndarray, augmented: np.ndarray | None, labels: np.ndarray, num_classes: int,
                 seed: int = 0, space: list[Candidate] | None = None) -> tuple[Candidate, dict]:
     """The best candidate by cross-validation on the training photos, and a report of every score.
 
@@ -122,7 +121,7 @@ def choose_head(plain: torch.Tensor, augmented: torch.Tensor | None, labels: tor
     photo in some class nothing can be held out: the linear head is chosen, as ``--head linear``
     fits it (at one shot it measured 0.01 above the prototype head on all three shared sets,
     docs/bench/openset.md)."""
-    smallest = int(torch.bincount(labels, minlength=num_classes).min())
+    smallest = int(np.bincount(labels, minlength=num_classes).min())
     n_folds = min(MAX_FOLDS, smallest)
     if n_folds < 2:
         choice = Candidate("linear", views=augmented is not None and augmented.shape[1] > 0)

@@ -8,7 +8,11 @@ Cache key: backbone weights sha256 / transform description / image content sha25
 uses the served eval transform (``handlers.imaging``), so a cached feature is what the served model
 computes for the same file. Augmented views (random resized crop, flip, colour jitter, small
 rotation, built from the backbone's ``preprocessing``) are seeded per image and view index, so view
-``i`` of an image is the same tensor on every run and can be cached too.
+``i`` of an image is the same array on every run and can be cached too.
+
+Features are numpy float32 arrays. torch (and torchvision) are imported only when a feature must be
+computed with them: augmenting a photo, or the eager backbone. A warm run (every feature cached)
+never imports torch, whose import alone costs 1.7 s of its 2 s budget.
 
 Layout: ``<cache>/<weights sha[:16]>/<transform key>/<image sha[:2]>/<image sha>.npy`` holding a
 (V, D) float32 array: the plain view (V = 1), or augmented views 0..V-1 of that image. numpy's
@@ -20,12 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from handlers.backbones import Preprocessing, get_backbone
@@ -58,9 +62,11 @@ class Augmentation:
     rotation: float = 0.0  # degrees, either way
 
     def transform(self, preprocessing: Preprocessing):
-        """RGB PIL image -> a randomly augmented, normalised float tensor (3, crop, crop)."""
-        # Imported here: a warm run (every feature cached) never augments, and importing
-        # torchvision costs about a second of its few.
+        """RGB PIL image -> a randomly augmented, normalised float tensor (3, crop, crop), drawn from
+        torch's global generator (``FeatureExtractor`` seeds it per image and view)."""
+        # Imported here: a warm run (every feature cached) never augments, and importing torch and
+        # torchvision costs more than its whole 2 s budget.
+        import torch
         from torchvision.transforms import v2 as T
 
         return T.Compose(
@@ -81,9 +87,9 @@ class Augmentation:
         return f"aug:{self.min_scale}:{self.jitter}:{self.rotation}:seed{seed}:{_describe(preprocessing)}"
 
 
-def _save_array(path: Path, tensor: torch.Tensor) -> None:
+def _save_array(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as file:  # a file object: np.save would append ".npy" to a partial file's name
-        np.save(file, tensor.detach().float().numpy(), allow_pickle=False)
+        np.save(file, np.asarray(array, np.float32), allow_pickle=False)
 
 
 def _describe(preprocessing: Preprocessing) -> str:
@@ -109,15 +115,17 @@ class FeatureExtractor:
     """Features of image files for one backbone + weights, with an on-disk cache.
 
     ``extract(paths)`` -> (N, D) plain-view features; ``extract(paths, views=V, seed=S)`` ->
-    (N, V, D) augmented views. ``hashes`` (sha256 of each file) may be given to skip rehashing.
-    ``engine``: "onnxruntime", "openvino" or "eager" (default: the served one); ``precision``:
-    "fp32" or "bf16" (the accuracy guard's reduced-precision features; cached apart from fp32).
+    (N, V, D) augmented views; float32 numpy arrays. ``hashes`` (sha256 of each file) may be given
+    to skip rehashing. ``engine``: "onnxruntime", "openvino" or "eager" (default: the served one);
+    ``precision``: "fp32" or "bf16" (the accuracy guard's reduced-precision features; cached apart
+    from fp32); ``threads``: the backbone's threads (0: all cores).
     """
 
     def __init__(self, backbone_name: str, weights_path: str | Path | None = None,
                  cache_dir: str | Path | None = None, batch_size: int = 32,
                  augmentation: Augmentation | None = None, progress: bool = True, use_cache: bool = True,
-                 engine: str | None = None, precision: str = "fp32", export_cache: str | Path | None = None):
+                 engine: str | None = None, precision: str = "fp32", export_cache: str | Path | None = None,
+                 threads: int = 0):
         self.backbone = get_backbone(backbone_name)
         self.weights_path = Path(weights_path) if weights_path else self.backbone.resolve_weights()
         self.weights_sha256 = file_sha256(self.weights_path)
@@ -133,6 +141,7 @@ class FeatureExtractor:
         self.engine = engine or default_engine(precision)
         self.precision = precision
         self.export_cache = export_cache
+        self.threads = threads or os.cpu_count() or 1
         self._network = None  # loaded on the first cache miss: a warm run never pays for it
         # Called with the number of views just finished (from the cache or the backbone): a caller's
         # machine-readable progress (train_head --progress-file), beside the human progress bar.
@@ -146,26 +155,33 @@ class FeatureExtractor:
 
     @property
     def features(self):
-        """(N, 3, H, W) -> (N, D) float32: the exported graph on ``engine``, else eager torch."""
+        """numpy (N, 3, H, W) -> (N, D) float32: the exported graph on ``engine``, else eager torch."""
         if self._network is None:
             if self.engine != "eager":
                 from imagerec.export import exported_graph_dir  # build-time code: only on a cache miss
 
                 graph = exported_graph_dir(self.backbone.name, self.weights_path, self.export_cache)
                 self._network = PortableFeatures(graph / FEATURES_GRAPH_FILE, self.engine, self.precision,
-                                                 torch.get_num_threads())
+                                                 self.threads)
             else:
-                network = self.backbone.load(self.weights_path)
-                for parameter in network.parameters():
-                    parameter.requires_grad_(False)
-                bf16 = self.precision == "bf16"
-
-                def eager(images: torch.Tensor) -> torch.Tensor:
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                        return network.features(images).float()
-
-                self._network = eager
+                self._network = self._eager_features()
         return self._network
+
+    def _eager_features(self):
+        """The backbone in torch, numpy in and out."""
+        import torch  # here: only eager extraction runs torch (its import is most of a warm run's budget)
+
+        torch.set_num_threads(self.threads)
+        network = self.backbone.load(self.weights_path)
+        for parameter in network.parameters():
+            parameter.requires_grad_(False)
+        bf16 = self.precision == "bf16"
+
+        def eager(images: np.ndarray) -> np.ndarray:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return network.features(torch.from_numpy(images)).float().numpy()
+
+        return eager
 
     def _key_dir(self, description: str) -> Path:
         if self.precision != "fp32":  # fp32 features agree across engines within 1e-5; bf16 ones do not
@@ -176,25 +192,25 @@ class FeatureExtractor:
     def _cache_file(self, key_dir: Path, image_sha: str) -> Path:
         return key_dir / image_sha[:2] / f"{image_sha}.npy"
 
-    def _load_cached(self, path: Path, views: int) -> torch.Tensor | None:
+    def _load_cached(self, path: Path, views: int) -> np.ndarray | None:
         if not self.use_cache or not path.is_file():
             return None
         try:
-            tensor = torch.from_numpy(np.load(path, allow_pickle=False))
+            array = np.load(path, allow_pickle=False)
         except Exception:  # a torn write from a killed run: recompute it
             return None
-        if tensor.ndim != 2 or tensor.shape[0] < views or tensor.shape[1] != self.backbone.feature_dim:
+        if array.ndim != 2 or array.shape[0] < views or array.shape[1] != self.backbone.feature_dim:
             return None
-        return tensor[:views]
+        return array[:views]
 
-    def _store(self, path: Path, tensor: torch.Tensor) -> None:
+    def _store(self, path: Path, array: np.ndarray) -> None:
         if not self.use_cache:
             return
         # Atomic: concurrent runs never read half a file.
-        atomic_write(path, lambda partial: _save_array(partial, tensor))
+        atomic_write(path, lambda partial: _save_array(partial, array))
 
     def extract(self, paths: list[Path], hashes: list[str] | None = None, views: int = 0, seed: int = 0,
-                description: str = "features") -> torch.Tensor:
+                description: str = "features") -> np.ndarray:
         """Plain features (N, D) when ``views == 0``, else augmented views (N, views, D).
 
         A file that cannot be decoded raises ImageError naming it (data loading lists and drops
@@ -219,9 +235,9 @@ class FeatureExtractor:
             logger.info("%s: all %d images from cache", description, stats.cached)
         return out if views else out[:, 0]
 
-    def _read_cache(self, key_dir: Path, hashes: list[str], n_views: int) -> tuple[torch.Tensor, list[int]]:
+    def _read_cache(self, key_dir: Path, hashes: list[str], n_views: int) -> tuple[np.ndarray, list[int]]:
         """(N, n_views, D) with the cached rows filled in, and the indices still to compute."""
-        out = torch.empty(len(hashes), n_views, self.backbone.feature_dim)
+        out = np.empty((len(hashes), n_views, self.backbone.feature_dim), np.float32)
         missing = []
         for index, digest in enumerate(hashes):
             cached = self._load_cached(self._cache_file(key_dir, digest), n_views)
@@ -231,11 +247,13 @@ class FeatureExtractor:
                 out[index] = cached
         return out, missing
 
-    def _inputs(self, path: Path, digest: str, views: int, seed: int) -> list[torch.Tensor]:
+    def _inputs(self, path: Path, digest: str, views: int, seed: int) -> list[np.ndarray]:
         """The backbone inputs of one image: its eval view, or its ``views`` augmented views."""
         image = decode_image(Path(path).read_bytes(), min_side=self.preprocessing.resize_size)
         if not views:
             return [self.eval_transform(image)]
+        import torch  # the augmentations draw from torch's generator: only when views are computed
+
         inputs = []
         for view in range(views):
             # One seed per (run seed, image content, view): reproducible and independent of the
@@ -243,10 +261,10 @@ class FeatureExtractor:
             view_seed = int(hashlib.sha256(f"{seed}:{digest}:{view}".encode()).hexdigest()[:15], 16)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(view_seed)
-                inputs.append(self.train_transform(image))
+                inputs.append(self.train_transform(image).numpy())
         return inputs
 
-    def _compute(self, paths: list[Path], hashes: list[str], missing: list[int], out: torch.Tensor, key_dir: Path,
+    def _compute(self, paths: list[Path], hashes: list[str], missing: list[int], out: np.ndarray, key_dir: Path,
                  views: int, seed: int, description: str) -> int:
         """Fill ``out[missing]`` in backbone batches, caching each image once all its views are done.
         Returns the number of backbone inputs computed."""
@@ -258,8 +276,7 @@ class FeatureExtractor:
         def flush():
             nonlocal passes
             if pending_inputs:
-                with torch.inference_mode():
-                    features = self.features(torch.stack(pending_inputs)).float()
+                features = self.features(np.stack(pending_inputs))
                 for (index, view), feature in zip(pending_slots, features):
                     out[index, view] = feature
                 passes += len(pending_inputs)

@@ -13,6 +13,10 @@ cached on disk (``--cache-dir``), so re-running with other head settings takes s
 "unknown" for photos unlike the training photos, keeping ``--keep`` of known photos (1: off);
 ``--unknown DIR`` measures it on photos of other kinds.
 
+A warm run (features and the exported graph cached) never imports torch: its import alone costs 1.7 s
+of the 2 s such a run may take. The heads, the metrics and the cache are numpy; torch comes in only
+where features must be computed or the graph exported.
+
 Exit codes: 0 done, 2 bad arguments or data, 3 backbone weights not found, 1 anything else;
 registration failures (--register) exit with the code scripts/manage.py gives them.
 """
@@ -24,14 +28,14 @@ import contextlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+import numpy as np
 
+from handlers.arrays import softmax
 from handlers.backbones import WeightsNotFoundError, backbone_names, get_backbone
 from handlers.constants import UNKNOWN_LABEL
 from handlers.heads import HEADS, FeatureHead, build_head
@@ -43,9 +47,10 @@ from imagerec.naming import archive_file_name, validate_name, validate_version
 from imagerec.options import add_batching_arguments, batching_from_args
 from imagerec.precision_guard import native_reduced_precisions, not_judged, verdict
 from training.auto_head import Candidate, choose_head
+from training.blas import single_thread
 from training.data import DataError, Dataset, load_dataset, readable_images
 from training.evaluation import (auroc, draw_confusion, evaluate, format_table, fpr_at_keep,
-                                 openset_confusion, write_report)
+                                 openset_confusion, share, write_report)
 from training.features import Augmentation, FeatureExtractor, default_cache_dir
 from training.progress import ProgressWriter
 
@@ -100,7 +105,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                           help="feature cache (default $IMAGEREC_FEATURE_CACHE or ~/.cache/imagerec/features)")
     features.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
     features.add_argument("--extract-batch-size", type=int, default=32, help="images per backbone forward pass")
-    features.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    features.add_argument("--threads", type=int, default=0, help="backbone threads for computing features (0: all cores)")
     features.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     features.add_argument("--progress-file", type=Path, default=None,
                           help="append machine-readable progress here, one JSON line per step "
@@ -164,33 +169,33 @@ def default_name(data_dir: Path) -> str:
     return cleaned if cleaned[:1].isalpha() else f"model_{cleaned}".rstrip("_")
 
 
-def training_rows(plain: torch.Tensor, augmented: torch.Tensor | None, labels: torch.Tensor):
+def training_rows(plain: np.ndarray, augmented: np.ndarray | None, labels: np.ndarray):
     """(rows, labels, groups): each image's plain view followed by its augmented views, all as
     training rows; ``groups`` is the image index of each row (held-out splits keep views together)."""
-    rows, row_labels, groups = [plain], [labels], [torch.arange(len(labels))]
+    rows, row_labels, groups = [plain], [labels], [np.arange(len(labels))]
     if augmented is not None and augmented.shape[1]:
         views = augmented.shape[1]
         rows.append(augmented.reshape(-1, augmented.shape[-1]))
-        row_labels.append(labels.repeat_interleave(views))
-        groups.append(torch.arange(len(labels)).repeat_interleave(views))
-    return torch.cat(rows), torch.cat(row_labels), torch.cat(groups)
+        row_labels.append(np.repeat(labels, views))
+        groups.append(np.repeat(np.arange(len(labels)), views))
+    return np.concatenate(rows), np.concatenate(row_labels), np.concatenate(groups)
 
 
 def extract_features(extractor: FeatureExtractor, dataset: Dataset, views: int, seed: int) -> dict:
     """Training rows (plain view + augmented views, with their image ids) and validation features."""
     train_paths = [s.path for s in dataset.train]
     train_hashes = [s.sha256 for s in dataset.train]
-    labels = torch.tensor([s.label for s in dataset.train])
+    labels = np.array([s.label for s in dataset.train], np.int64)
     plain = extractor.extract(train_paths, train_hashes, description="train features")
     augmented = extractor.extract(train_paths, train_hashes, views=views, seed=seed,
                                   description=f"train x{views} augmented views") if views else None
     rows, row_labels, groups = training_rows(plain, augmented, labels)
     val = extractor.extract([s.path for s in dataset.val], [s.sha256 for s in dataset.val],
-                            description="val features") if dataset.val else torch.empty(0, extractor.backbone.feature_dim)
+                            description="val features") if dataset.val else np.empty((0, extractor.backbone.feature_dim), np.float32)
     return {
         "train": rows, "train_labels": row_labels, "groups": groups,
         "plain": plain, "augmented": augmented, "photo_labels": labels,
-        "val": val, "val_labels": torch.tensor([s.label for s in dataset.val], dtype=torch.long),
+        "val": val, "val_labels": np.array([s.label for s in dataset.val], np.int64),
     }
 
 
@@ -198,7 +203,7 @@ def fit_head(kind: str, feature_dim: int, num_classes: int, features: dict, args
     """Fit the head (``kind`` "auto": the candidate cross-validation chooses) and its rejection rule.
     The summary's "auto" entry holds the choice and every candidate's score."""
     summary: dict = {}
-    with single_thread():
+    with single_thread():  # small matrices: one BLAS thread is faster (training/blas.py)
         if kind == AUTO_HEAD:
             choice, summary["auto"] = choose_head(features["plain"], features["augmented"], features["photo_labels"],
                                                   num_classes, seed=args.seed)
@@ -211,21 +216,9 @@ def fit_head(kind: str, feature_dim: int, num_classes: int, features: dict, args
         summary.update(head.fit(rows, row_labels, groups=groups, seed=args.seed, **choice.fit_options()))
         # The rule is fitted on each training photo's plain view: augmented views measured no better
         # (docs/bench/openset.md) and would triple the archive's share of it.
-        summary["rejection"] = head.fit_rejection(features["plain"], torch.arange(len(features["plain"])), args.keep,
+        summary["rejection"] = head.fit_rejection(features["plain"], np.arange(len(features["plain"])), args.keep,
                                                   labels=features["photo_labels"])
-    return head.eval(), summary
-
-
-@contextlib.contextmanager
-def single_thread():
-    """Head fits multiply matrices of a few hundred rows: one thread is several times faster than
-    two there (thread hand-offs cost more than they save, worse on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return head, summary
 
 
 def precision_guard(args: argparse.Namespace, extractor: FeatureExtractor, dataset: Dataset, head: FeatureHead,
@@ -237,22 +230,22 @@ def precision_guard(args: argparse.Namespace, extractor: FeatureExtractor, datas
     if metrics is None:
         return {"bf16": not_judged("no validation images")}
     verdicts = {"bf16": not_judged("this build machine has no native bf16")}
-    labels = torch.tensor([s.label for s in dataset.val])
+    labels = np.array([s.label for s in dataset.val], np.int64)
     for precision in native_reduced_precisions():
         reduced = FeatureExtractor(extractor.backbone.name, extractor.weights_path, cache_dir=extractor.cache_dir,
                                    batch_size=extractor.batch_size, progress=extractor.progress,
-                                   use_cache=extractor.use_cache, precision=precision, export_cache=args.export_cache)
+                                   use_cache=extractor.use_cache, precision=precision, export_cache=args.export_cache,
+                                   threads=extractor.threads)
         features = reduced.extract([s.path for s in dataset.val], [s.sha256 for s in dataset.val],
                                    description=f"val features ({precision}, accuracy guard)")
-        with torch.no_grad():
-            accuracy = (head(features).argmax(dim=1) == labels).float().mean().item()
+        accuracy = share(head(features).argmax(axis=1) == labels)
         verdicts[precision] = verdict(precision, "val_accuracy", metrics["accuracy"], accuracy, len(labels),
                                       args.guard_tolerance)
         logger.info("accuracy guard: %s %s", precision, verdicts[precision]["reason"])
     return verdicts
 
 
-def unknown_features(extractor: FeatureExtractor, folder: Path) -> torch.Tensor:
+def unknown_features(extractor: FeatureExtractor, folder: Path) -> np.ndarray:
     """(M, D) plain-view features of every readable photo under ``folder``."""
     found, unreadable = readable_images(folder)
     for path, reason in unreadable:
@@ -260,28 +253,26 @@ def unknown_features(extractor: FeatureExtractor, folder: Path) -> torch.Tensor:
     return extractor.extract([p for p, _ in found], [h for _, h in found], description="unknown features")
 
 
-def openset_metrics(head: FeatureHead, features: dict, unknown: torch.Tensor | None,
-                    probabilities: torch.Tensor | None) -> dict:
+def openset_metrics(head: FeatureHead, features: dict, unknown: np.ndarray | None,
+                    probabilities: np.ndarray | None) -> dict:
     """The rule on the validation split (share kept at the archive's threshold, accuracy on the kept
     photos) and, given photos of other kinds, AUROC, FPR@95 and the share rejected."""
     threshold = float(head.rejection.threshold)
     result: dict = {"threshold": threshold if math.isfinite(threshold) else None, "keep": float(head.rejection.keep)}
     if probabilities is None:
         return result
-    with torch.no_grad():
-        scores = head.known_score(features["val"])
+    scores = head.known_score(features["val"])
     kept = scores >= threshold
     predicted = probabilities.argmax(1)
     labels = features["val_labels"]
-    result["known_kept"] = float(kept.float().mean())
-    result["accuracy_on_kept"] = float((predicted[kept] == labels[kept]).float().mean()) if kept.any() else None
+    result["known_kept"] = share(kept)
+    result["accuracy_on_kept"] = share(predicted[kept] == labels[kept]) if kept.any() else None
     unknown_predicted = unknown_rejected = None
     if unknown is not None and len(unknown):
-        with torch.no_grad():
-            unknown_scores = head.known_score(unknown)
-            unknown_predicted = head(unknown).argmax(1)
+        unknown_scores = head.known_score(unknown)
+        unknown_predicted = head(unknown).argmax(1)
         unknown_rejected = unknown_scores < threshold
-        result.update(unknown_photos=len(unknown), unknown_rejected=float(unknown_rejected.float().mean()),
+        result.update(unknown_photos=len(unknown), unknown_rejected=share(unknown_rejected),
                       auroc=auroc(scores, unknown_scores), fpr_at_95=fpr_at_keep(scores, unknown_scores, 0.95))
     result["confusion"] = openset_confusion(predicted, ~kept, labels, head.num_classes,
                                             unknown_predicted, unknown_rejected)
@@ -318,9 +309,9 @@ def training_record(args: argparse.Namespace, name: str) -> dict:
     return record
 
 
-def wrong_predictions(probabilities: torch.Tensor, dataset: Dataset) -> list[dict]:
+def wrong_predictions(probabilities: np.ndarray, dataset: Dataset) -> list[dict]:
     """The validation photos the head got wrong, most confident mistakes first."""
-    confidence, predicted = probabilities.max(dim=1)
+    confidence, predicted = probabilities.max(axis=1), probabilities.argmax(axis=1)
     wrong = [
         {"file": str(sample.path), "true": dataset.classes[sample.label],
          "predicted": dataset.classes[int(guess)], "probability": round(float(p), 4)}
@@ -336,7 +327,6 @@ def main(args: argparse.Namespace) -> Path:
     name = check_args(args)
     progress = ProgressWriter(args.progress_file)
     progress.stage("data")
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     backbone = get_backbone(args.backbone)
     weights = backbone.resolve_weights(args.weights)
     with timer("check_data"):
@@ -368,8 +358,7 @@ def main(args: argparse.Namespace) -> Path:
             check_images=pick_check_images(dataset, args.check_images), batching=batching_from_args(args),
             precision_guard=guard, export_cache=args.export_cache, overwrite=args.force,
         )
-    with torch.no_grad():
-        wrong = wrong_predictions(head(features["val"]).softmax(dim=1), dataset) if metrics is not None else []
+    wrong = wrong_predictions(softmax(head(features["val"])), dataset) if metrics is not None else []
     write_outputs(args, archive, {**info, "wrong_validation": wrong}, metrics, openset, dataset.classes, head.kind,
                   unknown is not None, extractor, timer)
     progress.stage("done", archive=str(archive), accuracy=None if metrics is None else metrics["accuracy"])
@@ -403,16 +392,15 @@ def make_extractor(args: argparse.Namespace, backbone_name: str, weights: Path) 
     augmentation = Augmentation(min_scale=args.aug_min_scale, jitter=args.aug_jitter, rotation=args.aug_rotation)
     return FeatureExtractor(backbone_name, weights, cache_dir=args.cache_dir, batch_size=args.extract_batch_size,
                             augmentation=augmentation, progress=not args.no_progress, use_cache=not args.no_cache,
-                            export_cache=args.export_cache)
+                            export_cache=args.export_cache, threads=args.threads)
 
 
-def evaluate_head(head: FeatureHead, features: dict, classes: list[str], unknown: torch.Tensor | None,
+def evaluate_head(head: FeatureHead, features: dict, classes: list[str], unknown: np.ndarray | None,
                   rule: dict) -> tuple[dict | None, dict]:
     """(closed-set metrics on the validation photos or None, open-set figures), both logged."""
     metrics = probabilities = None
     if len(features["val_labels"]):
-        with torch.no_grad():
-            probabilities = head(features["val"]).softmax(dim=1)
+        probabilities = softmax(head(features["val"]))
         metrics = evaluate(probabilities, features["val_labels"], classes)
         logger.info("validation on %d held-out images:\n%s", metrics["images"], format_table(metrics))
     else:

@@ -196,8 +196,8 @@ def unpack_zip(path: Path, writer: _Writer) -> None:
 def check_set(teaching_set: TeachingSet) -> None:
     """Names and content, after the upload: raises TeachingSetError naming the first problem.
 
-    Decoding imports torch (``handlers.imaging``), so it happens here, in a worker thread of the
-    page server, only when someone teaches.
+    Decoding (``handlers.imaging``: Pillow) happens here, in a worker thread of the page server,
+    only when someone teaches.
     """
     from handlers.imaging import ImageError, decode_image
     from training.data import DataError, check_class_names

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,13 @@ def test_the_library_does_not_run_entry_points_by_path(folder):
     offenders = [f"{path.relative_to(PROJECT_ROOT)}: {text!r}" for path in sorted((PROJECT_ROOT / folder).rglob("*.py"))
                  for text in _path_strings(path)]
     assert not offenders, "\n".join(offenders)
+
+
+def test_the_training_library_imports_without_torch():
+    """A warm train_head (features and graph cached) must not import torch: 1.7 s of its 2 s budget.
+    Importing its modules is the first half of that (tests/test_training.py runs the whole warm run)."""
+    code = ("import sys, training.train_head, handlers.heads, handlers.imaging, handlers.runtime, imagerec.archive; "
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
