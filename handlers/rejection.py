@@ -194,11 +194,18 @@ def _shrunk_gaussian(residuals: np.ndarray, shrinkage: float) -> tuple[np.ndarra
     ``scale`` * (I - B diag(w) B^T). Returns (basis B (D, r), weights w (r,), scale ()), r <= n."""
     count, dim = residuals.shape
     variance = max(np.square(residuals).sum() / np.float32(count * dim), np.float32(1e-12))
-    _, singular, right = np.linalg.svd(residuals, full_matrices=False)
-    eigen = (1.0 - shrinkage) * np.square(singular) / np.float32(count)
-    weights = eigen / (eigen + shrinkage * variance)
+    # The eigenvectors of S from the small (n, n) Gram matrix R R^T instead of an SVD of R: the same
+    # directions (R^T u / sigma), 4-8x faster at n ~ 100, D = 1280, where the calibration's 42 fits
+    # were most of a warm train_head's fit. float64, because the Gram matrix squares R's condition.
+    r64 = residuals.astype(np.float64)
+    squared, left = np.linalg.eigh(r64 @ r64.T)  # ascending sigma^2, (n,) and (n, n)
+    squared, left = squared[::-1].clip(min=0.0), left[:, ::-1]
+    eigen = (1.0 - shrinkage) * squared / count
+    weights = eigen / (eigen + shrinkage * float(variance))
     useful = weights > 1e-6  # directions the residuals do not span add nothing
-    return np.ascontiguousarray(right[useful].T), weights[useful], np.array(1.0 / (shrinkage * variance), np.float32)
+    basis = (r64.T @ left[:, useful]) / np.sqrt(squared[useful])  # (D, r) unit columns
+    return (np.ascontiguousarray(basis, dtype=np.float32), weights[useful].astype(np.float32),
+            np.array(1.0 / (shrinkage * variance), np.float32))
 
 
 def _squared_distances(z: np.ndarray, means: np.ndarray, basis: np.ndarray, weights: np.ndarray,
