@@ -6,7 +6,8 @@ Data: 5 classes of ``--set`` with 20 training photos each and 60 validation phot
 all: the set's val photos, topped up with training photos not used for training), linked into a
 temporary ImageFolder. Cold: empty feature cache and empty exported-graph cache (the first head on
 a new machine: the backbone is exported to ONNX once); warm: both filled (other head settings, same
-photos). Prints one JSON line.
+photos, ``--head linear``) and ``warm_auto`` (the default ``--head auto`` again, cached). Prints one
+JSON line.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def main(args: argparse.Namespace) -> dict:
         tmp = Path(tmp)
         make_data(args.set, tmp / "photos")
         result = {"val_images": sum(1 for _ in (tmp / "photos" / "val").glob("*/*"))}
-        for run, extra in (("cold", []), ("warm", ["--head", "linear", "--weight-decay", "0.01"])):
+        # warm: other head settings on the cached features; warm_auto: the default head (auto) again.
+        for run, extra in (("cold", []), ("warm", ["--head", "linear", "--weight-decay", "0.01"]), ("warm_auto", [])):
             seconds, report, command = run_train_head(
                 tmp / "photos", tmp / "out", "bench", run, "--backbone", args.backbone, "--cache-dir",
                 str(tmp / "features"), "--export-cache", str(tmp / "onnx"), *extra, timeout=args.timeout)
@@ -86,8 +88,9 @@ def main(args: argparse.Namespace) -> dict:
             result[run] = {"wall_s": round(seconds, 1), "phases_s": report["timings_s"],
                            "val_accuracy": report["metrics"]["accuracy"],
                            "archive_mb": round((tmp / "out" / f"bench_v{run}.mar").stat().st_size / 1e6, 1),
-                           "guard": {k: v.get("reason") for k, v in info.get("precision_guard", {}).items()}}
-        result["command"] = " ".join([".venv/bin/python", "training/train_head.py", "PHOTOS", *command[3:]]).replace(str(tmp), "TMP")
+                           "guard": {k: v.get("reason") for k, v in info.get("precision_guard", {}).items()},
+                           "command": " ".join([".venv/bin/python", "training/train_head.py", "PHOTOS",
+                                                *command[3:]]).replace(str(tmp), "TMP")}
     return result
 
 
