@@ -38,6 +38,7 @@ import numpy as np
 from benchmarks.bench_fewshot import BACKBONE, DATASETS, draw_episode, set_features
 from benchmarks.bench_train_head import link_class_folders, run_train_head
 from benchmarks.report import machine_description
+from handlers.backbones import backbone_names
 from handlers.arrays import l2_normalise, logsumexp, softmax
 from handlers.heads import head_from_state
 from handlers.rejection import DEFAULT_KEEP, KnnRejection
@@ -57,6 +58,8 @@ OTHER_SCORES = ("max softmax", "energy", "kNN, centred", "kNN (rule below 5 phot
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets-dir", type=Path, default=DATASETS, help="folder holding the shared photo sets")
+    parser.add_argument("--backbone", type=str, default=BACKBONE, choices=backbone_names(),
+                        help="frozen backbone whose features the heads use")
     parser.add_argument("--known", type=str, default="clothing10,signdigits10", help="known sets of part 1")
     parser.add_argument("--episodes", type=int, default=10, help="seeded episodes per row")
     parser.add_argument("--ways", type=int, default=5, help="known classes per episode (all when a set has fewer)")
@@ -188,13 +191,13 @@ def time_train_head(args) -> dict:
         runs = ["linear"] + [head for _ in range(args.timing_runs) for head in ("linear", "auto")]
         for number, head in enumerate(runs):
             seconds, _, _ = run_train_head(tmp / "photos", tmp / "out", "bench", str(number + 1), "--backbone",
-                                           BACKBONE, "--cache-dir", str(args.cache_dir), "--head", head, "--force",
+                                           args.backbone, "--cache-dir", str(args.cache_dir), "--head", head, "--force",
                                            env=env, timeout=600)
             if number:
                 timings[head].append(seconds)
                 logger.info("train_head --head %s warm: %.1fs", head, seconds)
     timings["command"] = ("python training/train_head.py PHOTOS(clothing10, 5 classes x 20) --backbone "
-                          f"{BACKBONE} --head {{linear,auto}} (feature cache warm)")
+                          f"{args.backbone} --head {{linear,auto}} (feature cache warm)")
     return timings
 
 
@@ -210,7 +213,7 @@ def markdown(part1: dict, costs: dict, part2: list[dict], timing: dict | None, a
              f"Machine: {machine_description()}.", "",
              f"Load average (1 min) at the end {os.getloadavg()[0]:.1f}, this benchmark's own load included "
              "(about 1 when nothing else runs): times are only comparable within one run.", "",
-             f"Backbone {BACKBONE} (frozen). Known classes: {args.ways} random classes per episode, {args.shots} "
+             f"Backbone {args.backbone} (frozen). Known classes: {args.ways} random classes per episode, {args.shots} "
              f"training photos each, {args.episodes} seeded episodes; known = val photos of those classes; near "
              "unknowns = val photos of the set's other classes; far unknowns = val photos of the other shared sets. "
              f"Head `{args.head}`, rule at keep {args.keep}. FPR@95 and AUROC use each score's own threshold keeping "
@@ -304,7 +307,7 @@ def main(args: argparse.Namespace) -> str:
     if args.episodes < 2 or args.ways < 2 or args.shots < 1:
         raise ValueError("--episodes and --ways must be at least 2, --shots at least 1")
     started = time.perf_counter()
-    extractor = FeatureExtractor(BACKBONE, cache_dir=args.cache_dir, progress=False)
+    extractor = FeatureExtractor(args.backbone, cache_dir=args.cache_dir, progress=False)
     sets = {name: set_features(extractor, args.datasets_dir / name, args.views) for name in SHARED_SETS}
     part1, costs = {}, {}
     for name in [n for n in args.known.split(",") if n]:
