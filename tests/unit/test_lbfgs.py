@@ -31,6 +31,25 @@ def _problem(seed: int, rows: int = 120, dim: int = 64, classes: int = 5, weight
     return x, classes, loss_of
 
 
+def _torch_lbfgs(loss_of, classes: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The reference: torch.optim.LBFGS (strong Wolfe line search) on autograd's gradient of
+    ``loss_of(weight, bias)`` from zeros. Returns (weight (C, D), bias (C,), final loss)."""
+    weight = torch.zeros(classes, dim, requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=200, history_size=20,
+                                  tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_of(weight, bias)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach(), float(loss_of(weight, bias).detach())
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_reaches_the_minimum_of_torch_lbfgs(seed):
     x, classes, loss_of = _problem(seed)
@@ -44,20 +63,7 @@ def test_reaches_the_minimum_of_torch_lbfgs(seed):
     with torch.enable_grad():
         ours = minimise(loss_and_grad, np.zeros(classes * dim + classes, np.float32))
         ours_loss, ours_grad = loss_and_grad(ours)
-
-        weight = torch.zeros(classes, dim, requires_grad=True)
-        bias = torch.zeros(classes, requires_grad=True)
-        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=200, history_size=20,
-                                      tolerance_grad=1e-6, line_search_fn="strong_wolfe")
-
-        def closure():
-            optimizer.zero_grad()
-            loss = loss_of(weight, bias)
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        reference_loss = float(loss_of(weight, bias).detach())
+    weight, bias, reference_loss = _torch_lbfgs(loss_of, classes, dim)
 
     start_loss = loss_and_grad(np.zeros(classes * dim + classes, np.float32))[0]
     assert ours.dtype == np.float32  # the precision of the start, as the torch head solved in
@@ -67,7 +73,7 @@ def test_reaches_the_minimum_of_torch_lbfgs(seed):
     # Same minimum, same classifier: the predictions agree.
     ours_weight = torch.from_numpy(ours[: classes * dim].reshape(classes, dim))
     ours_bias = torch.from_numpy(ours[classes * dim:])
-    assert torch.equal((x @ ours_weight.T + ours_bias).argmax(1), (x @ weight.detach().T + bias.detach()).argmax(1))
+    assert torch.equal((x @ ours_weight.T + ours_bias).argmax(1), (x @ weight.T + bias).argmax(1))
 
 
 def test_the_linear_heads_own_objective_reaches_the_minimum_of_torch_lbfgs():
@@ -78,22 +84,9 @@ def test_the_linear_heads_own_objective_reaches_the_minimum_of_torch_lbfgs():
     head = LinearHead(x.shape[1], classes)
     weight, bias = head._solve(x.numpy(), labels.numpy(), 1e-2, max_iter=200)
     ours_loss = float(loss_of(torch.from_numpy(weight), torch.from_numpy(bias)))
-    reference_weight = torch.zeros(classes, x.shape[1], requires_grad=True)
-    reference_bias = torch.zeros(classes, requires_grad=True)
-    optimizer = torch.optim.LBFGS([reference_weight, reference_bias], lr=1.0, max_iter=200, history_size=20,
-                                  tolerance_grad=1e-6, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = loss_of(reference_weight, reference_bias)
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    reference_loss = float(loss_of(reference_weight, reference_bias).detach())
+    reference_weight, _, reference_loss = _torch_lbfgs(loss_of, classes, x.shape[1])
     assert ours_loss <= reference_loss + 1e-5, (ours_loss, reference_loss)
-    assert np.allclose(weight, reference_weight.detach().numpy(), atol=2e-3)
+    assert np.allclose(weight, reference_weight.numpy(), atol=2e-3)
 
 
 def test_stops_at_once_on_a_minimum():
