@@ -23,6 +23,7 @@ from pathlib import Path
 
 from benchmarks.bench_runtime import MEMORY_SETTLE_S, http_accuracy, labelled_photos
 from benchmarks.bench_serving import load_test
+from benchmarks.load import add_load_test_arguments
 from benchmarks.processes import memory_of, server_processes
 from benchmarks.report import machine_description
 from handlers.backbones import backbone_names, get_backbone, imagenet_categories
@@ -43,10 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--imagenet", type=Path, default=DATASETS_DIR / "imagenet-sample500",
                         help="labelled ImageNet photos (labels.tsv: file, class index, synset)")
     parser.add_argument("--photos", type=int, default=64, help="real photos the load clients send (from the shared sets)")
-    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per client count")
-    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each measurement")
-    parser.add_argument("--max-requests", type=int, default=5000, help="upper bound on requests per measurement")
-    parser.add_argument("--request-timeout", type=float, default=30.0, help="seconds per HTTP request")
+    add_load_test_arguments(parser, max_requests=5000)
     parser.add_argument("--workdir", type=Path, default=None, help="archives, server, logs (default: a temporary dir)")
     parser.add_argument("--out", type=Path, default=None, help="markdown file to write the figures to")
     return parser

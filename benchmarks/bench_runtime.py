@@ -38,6 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.load import add_load_test_arguments
 from imagerec.paths import DATASETS_DIR, DOCS_DIR, PROJECT_ROOT
 
 logger = logging.getLogger("bench_runtime")
@@ -63,10 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=DOCS_DIR / "bench" / "runtime.md",
                         help="markdown report")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds of the in-process peers")
-    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per served client count")
-    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each measurement")
-    parser.add_argument("--max-requests", type=int, default=5000, help="upper bound on requests per measurement")
-    parser.add_argument("--request-timeout", type=float, default=30.0, help="seconds per HTTP request")
+    add_load_test_arguments(parser, max_requests=5000)
     parser.add_argument("--peers", type=Path, default=None, help=argparse.SUPPRESS)  # internal: spec for the child
     return parser
 

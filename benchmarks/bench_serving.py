@@ -40,7 +40,7 @@ from pathlib import Path
 # splits shared library pages among every process mapping them, so a torch-importing benchmark
 # process would make the servers look smaller than they are.
 from benchmarks.bench_in_worker import VARIANTS
-from benchmarks.load import LoadClients, percentile
+from benchmarks.load import LoadClients, add_load_test_arguments, percentile
 from benchmarks.processes import cpu_seconds, memory_of, server_processes, system_busy_seconds
 from benchmarks.report import replace_section
 from benchmarks.serving_offline import HEAD_SETS, offline_phase, reference_phase, resnet18_variant_model, val_photos
@@ -62,14 +62,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where archives, servers and logs go (default: a fresh temporary directory)")
     parser.add_argument("--concurrency", type=str, default="1,4,16", help="comma-separated client counts")
-    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per client count")
-    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each measurement")
+    add_load_test_arguments(parser, max_requests=20000)
     parser.add_argument("--model-warmup", type=float, default=4.0,
                         help="unmeasured seconds of 4-client load on each model before its first measurement "
                              "(its worker and the Java frontend reach their steady speed)")
-    parser.add_argument("--max-requests", type=int, default=20000,
-                        help="upper bound on requests per client count (the loop is also bounded by time)")
-    parser.add_argument("--request-timeout", type=float, default=30.0, help="seconds per HTTP request")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="precision of the served archives (default: scripts/build_archive.py's)")
     parser.add_argument("--compare-variants", action=argparse.BooleanOptionalAction, default=True,

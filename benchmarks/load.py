@@ -8,6 +8,7 @@ docs/BENCHMARKS.md is the same statistic.
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import math
 import threading
@@ -28,6 +29,16 @@ class Record(NamedTuple):
     status: int
     version: str | None
     detail: str = ""
+
+
+def add_load_test_arguments(parser: argparse.ArgumentParser, max_requests: int) -> None:
+    """The flags of a load test (benchmarks/bench_serving.py ``load_test`` reads them), for every
+    benchmark that runs one."""
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per client count")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each measurement")
+    parser.add_argument("--max-requests", type=int, default=max_requests,
+                        help="upper bound on requests per client count (the loop is also bounded by time)")
+    parser.add_argument("--request-timeout", type=float, default=30.0, help="seconds per HTTP request")
 
 
 def percentile(values: list[float], q: float) -> float | None:
