@@ -34,7 +34,7 @@ from imagerec.torchserve import TorchServe, install_archive
 
 logger = logging.getLogger("bench_backbones")
 
-OFFLINE_BACKBONES = "efficientnet_lite0,efficientnet_lite2"
+OFFLINE_BACKBONES = "efficientnet_lite0,efficientnet_lite2,efficientnet_lite0_lite2"
 CLIENTS = (1, 16)
 
 
