@@ -120,6 +120,14 @@ def backbone_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def torch_hub_checkpoints() -> Path:
+    """Where torch.hub keeps weights files: ``$TORCH_HOME/hub/checkpoints``, ``$TORCH_HOME`` defaulting
+    to ``$XDG_CACHE_HOME/torch``, then ``~/.cache/torch`` (torch.hub.get_dir's rule, read without
+    importing torch: a warm train_head resolves its backbone's weights and never imports torch)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(os.environ.get("TORCH_HOME") or os.path.join(cache, "torch")).expanduser() / "hub" / "checkpoints"
+
+
 def imagenet_categories() -> list[str]:
     """The 1000 ImageNet-1K class names in index order (shipped with torchvision, no download)."""
     from torchvision.models import ResNet18_Weights
@@ -153,7 +161,7 @@ class ResNet18(Backbone):
         import torch  # lazily, as every torch import of the registry (module docstring)
 
         url = ResNet18_Weights.IMAGENET1K_V1.url
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+        cached = torch_hub_checkpoints() / os.path.basename(url)
         if cached.is_file():
             return cached
         failure = "download not attempted"
@@ -261,15 +269,15 @@ class EfficientNetLite0Lite2(Backbone):
         return ConcatenatedFeatures(bodies), averaged_classifier([classifier for _, classifier in parts.values()])
 
     def default_weights(self, allow_download: bool) -> Path:
-        import torch  # lazily, as every torch import of the registry (module docstring)
-
         from handlers.layout import file_sha256
 
         sources = {name: get_backbone(name).resolve_weights(allow_download=allow_download) for name in self.members}
         # Named by the members' files: new member weights make a new file, never a stale pair.
         key = hashlib.sha256("".join(file_sha256(path) for path in sources.values()).encode()).hexdigest()[:12]
-        combined = Path(torch.hub.get_dir()) / "checkpoints" / f"{self.name}-{key}.pth"
+        combined = torch_hub_checkpoints() / f"{self.name}-{key}.pth"
         if not combined.is_file():
+            import torch  # only to write the file once: a warm train_head never imports torch
+
             state = {f"{name}.{parameter}": value for name, path in sources.items()
                      for parameter, value in torch.load(path, map_location="cpu", weights_only=True).items()}
             combined.parent.mkdir(parents=True, exist_ok=True)

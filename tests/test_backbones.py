@@ -2,12 +2,14 @@
 right preprocessing, checked by what it sees in the sample photos (../shared/samples/README.md);
 the paired backbone is its members side by side, eager and exported alike."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from handlers.arrays import softmax
-from handlers.backbones import get_backbone, imagenet_categories
+from handlers.backbones import get_backbone, imagenet_categories, torch_hub_checkpoints
 from handlers.imaging import ImagePreprocessor
 from handlers.layout import extract_archive
 from handlers.recognizer import load_recognizer
@@ -89,3 +91,13 @@ def test_the_paired_backbone_s_archive_runs_its_graph_as_eager_does(samples_dir,
     categories = imagenet_categories()
     for photo, row in zip(EXPECTED_TOP3, probabilities):
         assert {categories[index] for index in np.argsort(row)[::-1][:3]} & EXPECTED_TOP3[photo], photo
+
+
+@pytest.mark.parametrize("torch_home, xdg_cache", [("~/th", None), (None, "/tmp/xdg"), (None, None), ("/abs/th", "/x")])
+def test_the_hub_folder_is_torch_s_own_without_importing_it(monkeypatch, torch_home, xdg_cache):
+    for variable, value in (("TORCH_HOME", torch_home), ("XDG_CACHE_HOME", xdg_cache)):
+        if value is None:
+            monkeypatch.delenv(variable, raising=False)
+        else:
+            monkeypatch.setenv(variable, value)
+    assert torch_hub_checkpoints() == Path(torch.hub.get_dir()) / "checkpoints"
