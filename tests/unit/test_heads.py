@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from handlers.arrays import cross_entropy, l2_normalise, log_softmax, softmax
-from handlers.heads import HEADS, LinearHead, _holdout_mask, _torch_randperm, build_head, head_from_state
+from handlers.heads import HEADS, LinearHead, RowSpace, _holdout_mask, _torch_randperm, build_head, head_from_state
 from handlers.layout import LEGACY_HEAD_FILE
 from handlers.recognizer import read_head_state
 from training.data import normalised_class_name
@@ -185,3 +185,34 @@ def test_head_fits_run_numpys_blas_on_one_thread_and_give_the_threads_back():
     with single_thread():
         assert blas_threads() == 1
     assert blas_threads() == before
+
+
+def test_the_linear_head_solves_in_the_rows_span_when_rows_are_fewer_than_dimensions():
+    """Fewer rows than dimensions (100 photos of 1280-2560-d features): RowSpace is an isometry of
+    the rows' span, and the solution found there is the full-space one (same probabilities within
+    the solver's tolerance). Dropped directions carry no data: duplicated rows lose no accuracy."""
+    features, labels = _blobs(num_classes=4, per_class=10, dim=300)
+    features = np.concatenate([features, features[:5]])  # 45 rows, 40 different ones
+    labels = np.concatenate([labels, labels[:5]])
+    head = LinearHead(features.shape[1], 4)
+    x = head.fit_normalisation(features, 0.5)
+    space = RowSpace(x)
+    rank = np.linalg.matrix_rank(x)  # 39: centring takes one more direction
+    assert rank < 40 and space.coordinates.shape == (len(x), rank)
+    np.testing.assert_allclose(space.coordinates @ space.coordinates.T, x @ x.T, atol=1e-5)
+    coefficients = np.random.default_rng(0).standard_normal((4, rank)).astype(np.float32)
+    np.testing.assert_allclose(x @ space.weight(coefficients).T, space.coordinates @ coefficients.T, atol=1e-4)
+
+    class FullSpace(RowSpace):  # the rows as they are: what _solve did before RowSpace
+        def __init__(self, rows):
+            super().__init__(np.zeros((1, 1), np.float32))
+            self.coordinates = rows
+
+    test_features, _ = _blobs(num_classes=4, per_class=10, dim=300, noise_seed=1)
+    test_x = head.normalise(test_features)
+    for weight_decay in (1e-3, 1e-2):
+        reduced = head._solve(x, labels, weight_decay, max_iter=200)
+        full = head._solve(x, labels, weight_decay, max_iter=200, space=FullSpace(x))
+        assert reduced[0].shape == full[0].shape == (4, 300)
+        np.testing.assert_allclose(softmax(test_x @ reduced[0].T + reduced[1]),
+                                   softmax(test_x @ full[0].T + full[1]), atol=1e-3)
