@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from handlers.layout import read_archive_info
 from imagerec.paths import PROJECT_ROOT
 from imagerec.torchserve import TorchServe, free_port, install_archive
 
@@ -26,6 +27,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 IMAGENET_MODE = "efficientnet_lite0"
+ACCURATE_BACKBONE = "efficientnet_lite0_lite2"  # offered beside the served one by default
 CLASSES = ("dress", "hat", "shoes")
 PHOTOS_PER_CLASS = 6
 TRAIN_TIMEOUT_MS = 300_000
@@ -34,10 +36,11 @@ TRAIN_TIMEOUT_MS = 300_000
 class PageServer:
     """``python -m web.server`` as scripts/serve.py starts it, on a free port, against one TorchServe."""
 
-    def __init__(self, torchserve: TorchServe, runtime_dir: Path, log: Path):
+    def __init__(self, torchserve: TorchServe, runtime_dir: Path, log: Path, extra_args: tuple[str, ...] = ()):
         self.torchserve = torchserve
         self.runtime_dir = runtime_dir
         self.log = log
+        self.extra_args = extra_args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -46,7 +49,7 @@ class PageServer:
         command = [sys.executable, "-m", "web.server", "--port", str(self.port),
                    "--inference", self.torchserve.inference_url, "--management", self.torchserve.management_url,
                    "--key-file", str(self.torchserve.key_file), "--model-store", str(self.torchserve.model_store),
-                   "--runtime-dir", str(self.runtime_dir), "--backbone", "efficientnet_lite0"]
+                   "--runtime-dir", str(self.runtime_dir), "--backbone", "efficientnet_lite0", *self.extra_args]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                             env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT),
@@ -152,6 +155,17 @@ def unlock(page, token: str) -> None:
     page.fill("#token", token)
     page.press("#token", "Enter")
     page.wait_for_selector("#token-form", state="hidden")
+
+
+def recognise_in(page, mode: str, photo: Path, tmp_path: Path, step: str) -> list[tuple[str, float]]:
+    """Recognise ``photo`` in ``mode`` on the Recognise tab (waiting for the mode to be listed)."""
+    page.click("#tab-recognise")
+    page.wait_for_selector(f"select[name=mode] option[value={mode}]", state="attached")
+    page.select_option("select[name=mode]", mode)
+    page.set_input_files("input[type=file][name=photo]", str(photo))
+    page.wait_for_selector("#results li[data-label]")
+    shot(page, tmp_path, step)
+    return results(page)
 
 
 def default_versions(page_server) -> dict:
@@ -281,6 +295,11 @@ def _fill_teaching_form(page, datasets_dir: Path, name: str) -> None:
     wait_until(page, f"document.querySelectorAll('.class-card .thumbs img').length >= {len(CLASSES) * PHOTOS_PER_CLASS}")
 
 
+def _validation_shoe(datasets_dir: Path) -> Path:
+    """A validation photo of shoes: never uploaded for training."""
+    return sorted((datasets_dir / "clothing10" / "val" / "shoes").iterdir())[0]
+
+
 def _train_and_deploy(page, tmp_path: Path, step: str) -> str:
     """Click Train, follow the progress to the end, check the evaluation, deploy. Returns the version."""
     previous = page.inner_text("#job-title") if page.is_visible("#job") else None
@@ -324,14 +343,7 @@ def test_teach_deploy_recognise_and_roll_back(page, page_server, datasets_dir, t
     assert default_versions(page_server)[name][0] == "1"
 
     # Recognise a validation photo (never uploaded for training) with the new mode.
-    page.click("#tab-recognise")
-    page.wait_for_selector(f"select[name=mode] option[value={name}]", state="attached")
-    page.select_option("select[name=mode]", name)
-    shoe = sorted((datasets_dir / "clothing10" / "val" / "shoes").iterdir())[0]
-    page.set_input_files("input[type=file][name=photo]", str(shoe))
-    page.wait_for_selector("#results li[data-label]")
-    shot(page, tmp_path, "recognise-new-mode")
-    top = results(page)
+    top = recognise_in(page, name, _validation_shoe(datasets_dir), tmp_path, "recognise-new-mode")
     assert top[0][0] == "shoes", top
     assert {label for label, _ in top} == set(CLASSES)
     assert "version 1 " in page.inner_text("#answer-meta")
@@ -445,3 +457,83 @@ def test_jobs_survive_a_restart_and_a_cut_off_job_is_interrupted(page_server, da
     shot(tab, tmp_path, "jobs-after-restart")
     assert "Interrupted" in tab.inner_text(f"button.job-link[data-job='{job_id}']")
     context.close()
+
+
+def test_teach_a_mode_on_the_accurate_backbone(page, page_server, datasets_dir, tmp_path):
+    """The Teach form offers the served backbone (the default) and the accurate one; a mode trained
+    on the accurate one records it in its job and its archive, and answers once deployed."""
+    name = "clothes_accurate"
+    page.click("#tab-teach")
+    unlock(page, page_server.token)
+    page.wait_for_selector("#teach-backbone:not([hidden])")
+    choices = page.locator("#teach-backbone input[name=backbone]")
+    assert [choices.nth(i).get_attribute("value") for i in range(choices.count())] == [IMAGENET_MODE,
+                                                                                        ACCURATE_BACKBONE]
+    assert choices.nth(0).is_checked()  # the served backbone is the default
+    accurate = page.locator(f"#teach-backbone input[value={ACCURATE_BACKBONE}]")
+    hint = page.inner_text("#" + accurate.get_attribute("aria-describedby"))
+    assert "slower answers" in hint and "memory" in hint, hint
+    accurate.check()
+    _fill_teaching_form(page, datasets_dir, name)
+    shot(page, tmp_path, "teach-form-accurate")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    assert _train_and_deploy(page, tmp_path, "accurate") == "1"
+    assert ACCURATE_BACKBONE in page.inner_text("#job-backbone")
+
+    job = next(j for j in page_server.api("GET", "/api/jobs", token=page_server.token).json()["jobs"]
+               if j["name"] == name)
+    assert job["backbone"] == ACCURATE_BACKBONE
+    assert ACCURATE_BACKBONE in page.inner_text(f"button.job-link[data-job='{job['id']}']")
+    archive = page_server.runtime_dir / "jobs" / job["id"] / "out" / job["archive_file"]
+    assert read_archive_info(archive)["backbone"] == ACCURATE_BACKBONE
+    served = page_server.api("GET", "/api/modes").json()["modes"]
+    assert [v["backbone"] for m in served if m["name"] == name for v in m["versions"]] == [ACCURATE_BACKBONE]
+
+    top = recognise_in(page, name, _validation_shoe(datasets_dir), tmp_path, "recognise-accurate-mode")
+    assert top[0][0] == "shoes", top
+
+
+def test_a_backbone_the_page_does_not_offer_is_refused(page_server, datasets_dir):
+    status = page_server.api("GET", "/api/status").json()
+    assert status["training_backbones"] == [{"name": IMAGENET_MODE, "role": "fast"},
+                                            {"name": ACCURATE_BACKBONE, "role": "accurate"}]
+    jobs = page_server.runtime_dir / "jobs"
+    before = sorted(jobs.iterdir())
+    # Registered but not offered, and not registered at all; before the photos (the page's order)
+    # and after them (the photos were already on disk when the field arrived).
+    for backbone, first in (("efficientnet_lite2", True), ("no_such_backbone", False)):
+        field = [("backbone", (None, backbone))]
+        photos = _job_files(datasets_dir, "refused")
+        response = page_server.api("POST", "/api/jobs", token=page_server.token,
+                                   files=field + photos if first else photos + field)
+        assert response.status_code == 400, response.text
+        body = response.json()
+        assert body["error"] == "bad_backbone", body
+        assert all(name in body["message"] for name in (backbone, IMAGENET_MODE, ACCURATE_BACKBONE)), body
+    assert sorted(jobs.iterdir()) == before  # nothing of the refused uploads is left behind
+
+
+def test_with_one_training_backbone_the_form_offers_no_choice(torchserve, browser, tmp_path):
+    server = PageServer(torchserve, tmp_path / "runtime", tmp_path / "page.log",
+                        extra_args=("--training-backbones", IMAGENET_MODE)).start()
+    try:
+        status = server.api("GET", "/api/status").json()
+        assert status["training_backbones"] == [{"name": IMAGENET_MODE, "role": "fast"}]
+        context = browser.new_context(viewport={"width": 375, "height": 812}, locale="en-US")
+        tab = context.new_page()
+        tab.goto(server.url + "/")
+        tab.wait_for_selector("body[data-ready=true]")
+        tab.click("#tab-teach")
+        unlock(tab, server.token)
+        assert tab.locator("#teach-backbone").is_hidden()
+        context.close()
+    finally:
+        server.stop()
+
+
+def test_an_unknown_training_backbone_is_a_usage_error():
+    result = subprocess.run([sys.executable, "-m", "web.server", "--training-backbones", f"{IMAGENET_MODE},nope"],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result
+    assert "--training-backbones" in result.stderr and "'nope'" in result.stderr
+    assert ACCURATE_BACKBONE in result.stderr  # the message lists the registered ones

@@ -46,10 +46,9 @@ def _now() -> str:
 class JobStore:
     """Jobs on disk plus the single runner that trains them in order."""
 
-    def __init__(self, root: Path, backbone: str, python: str = sys.executable):
+    def __init__(self, root: Path, python: str = sys.executable):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.backbone = backbone
         self.python = python
         self.queue: asyncio.Queue[str] = asyncio.Queue()
         self.current: str | None = None
@@ -106,12 +105,12 @@ class JobStore:
             shown["progress"] = records[-1] if records else None
         return shown
 
-    def create(self, job_id: str, name: str, version: str, counts: dict[str, int]) -> dict:
-        job = {"id": job_id, "name": name, "version": version, "classes": counts, "backbone": self.backbone,
+    def create(self, job_id: str, name: str, version: str, counts: dict[str, int], backbone: str) -> dict:
+        job = {"id": job_id, "name": name, "version": version, "classes": counts, "backbone": backbone,
                "status": "queued", "created": _now(), "data_dir": str(self.folder(job_id) / "data")}
         self.save(job)
         self.queue.put_nowait(job_id)
-        logger.info("job %s: %s v%s queued (%s)", job_id, name, version, counts)
+        logger.info("job %s: %s v%s on %s queued (%s)", job_id, name, version, backbone, counts)
         return job
 
     # -- start-up and the runner -------------------------------------------------------------

@@ -23,6 +23,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from handlers.backbones import EfficientNetLite0Lite2, get_backbone
 from handlers.constants import MAX_REQUEST_BYTES, VERSION_HEADER
 from imagerec.management import (
     DEFAULT_INFERENCE_URL,
@@ -49,6 +50,9 @@ DEFAULT_PORT = 8000
 DEFAULT_RUNTIME_DIR = PROJECT_ROOT / "runtime" / "web"
 RECOGNISE_TIMEOUT_S = 60.0
 _CHUNK = 1 << 16
+# Offered beside the served backbone by default: heads on it beat the served offline one on every
+# shared photo set, at about 2.6x the CPU per photo (docs/bench/openset.md, docs/bench/backbones.md).
+ACCURATE_BACKBONE = EfficientNetLite0Lite2.name
 
 # Errors the page shows in plain words: a stable code (the page translates it) and English text.
 MESSAGES = {
@@ -86,7 +90,8 @@ class Page:
         self.inference_url = args.inference.rstrip("/")
         self.client = Client(args.management, args.key_file, args.model_store, args.inference)
         self.token, self.token_file = load_or_create_token(args.runtime_dir)
-        self.jobs = JobStore(args.runtime_dir / "jobs", backbone=args.backbone)
+        self.training_backbones = args.training_backbones or default_training_backbones(args.backbone)
+        self.jobs = JobStore(args.runtime_dir / "jobs")
         self.session: aiohttp.ClientSession | None = None
         self._key: tuple[float, str] | None = None
         self._operations = asyncio.Lock()  # one lifecycle change at a time
@@ -123,6 +128,9 @@ class Page:
         return web.json_response({
             "notice": self.args.notice or None,
             "backbone": self.args.backbone,
+            # What a new mode may be trained on, the default first; the page draws a choice of them.
+            "training_backbones": [{"name": name, "role": backbone_role(name, self.args.backbone)}
+                                   for name in self.training_backbones],
             "token_header": TOKEN_HEADER,
             "limits": {"photo_bytes": MAX_REQUEST_BYTES, "set_bytes": teaching.MAX_SET_BYTES,
                        "set_files": teaching.MAX_SET_FILES, "min_photos_per_class": teaching.MIN_PHOTOS_PER_CLASS},
@@ -285,7 +293,7 @@ class Page:
         job_id = self.jobs.new_id()
         folder = self.jobs.folder(job_id)
         try:
-            teaching_set = await teaching.receive(await request.multipart(), folder / "data")
+            teaching_set = await teaching.receive(await request.multipart(), folder / "data", self.training_backbones)
             await self.blocking(teaching.check_set, teaching_set)
             reserved = [j["version"] for j in self.jobs.all()
                         if j["name"] == teaching_set.name and j["status"] not in ("failed", "interrupted")]
@@ -299,7 +307,7 @@ class Page:
         except BaseException:
             teaching.discard(folder)  # a broken upload leaves nothing behind
             raise
-        job = self.jobs.create(job_id, teaching_set.name, version, teaching_set.counts)
+        job = self.jobs.create(job_id, teaching_set.name, version, teaching_set.counts, teaching_set.backbone)
         return web.json_response(self.jobs.view(job), status=201)
 
     async def list_jobs(self, request: web.Request) -> web.Response:
@@ -353,6 +361,33 @@ class Page:
 
 def _name(request: web.Request) -> str:
     return request.match_info["name"]
+
+
+def default_training_backbones(served: str) -> list[str]:
+    """The served model's backbone (fast: the default), then the accurate one unless it is served."""
+    return list(dict.fromkeys([served, ACCURATE_BACKBONE]))
+
+
+def backbone_role(name: str, served: str) -> str:
+    """How the page presents a training backbone: ``accurate`` (ACCURATE_BACKBONE, even when it is the
+    served one: it is never the fast choice), ``fast`` (the served model's), else ``other`` (its name
+    alone: the page claims nothing about a backbone it has no figures for)."""
+    if name == ACCURATE_BACKBONE:
+        return "accurate"
+    return "fast" if name == served else "other"
+
+
+def registered_backbones(text: str) -> list[str]:
+    """argparse type: comma-separated names of registered backbones (handlers/backbones.py), each once."""
+    names = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one registered backbone")
+    for name in names:
+        try:
+            get_backbone(name)
+        except ValueError as exc:  # its message lists the registered ones
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return names
 
 
 @web.middleware
@@ -409,7 +444,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runtime-dir", type=Path, default=DEFAULT_RUNTIME_DIR,
                         help="the page's own state: operator token, training jobs")
     parser.add_argument("--backbone", type=str, default="efficientnet_lite0",
-                        help="backbone new modes are trained on (the served ImageNet model's)")
+                        help="the served ImageNet model's backbone: new modes are trained on it by default")
+    parser.add_argument("--training-backbones", type=registered_backbones, default=None, metavar="NAMES",
+                        help="comma-separated registered backbones a new mode may be trained on, the first the "
+                        f"default (default: --backbone, then {ACCURATE_BACKBONE} unless it is --backbone)")
     parser.add_argument("--notice", type=str, default="", help="a message the page shows on top (e.g. why a "
                         "fallback backbone is served)")
     return parser
@@ -423,6 +461,8 @@ def main(args: argparse.Namespace) -> int:
                 args.inference, args.management)
     logger.info("operator token (for training, deploying, rolling back, retiring, scaling): %s  (kept in %s)",
                 page.token, page.token_file)
+    logger.info("new modes are trained on %s (the default) or on %s", page.training_backbones[0],
+                ", ".join(page.training_backbones[1:]) or "nothing else")
     if args.notice:
         logger.warning("%s", args.notice)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, handle_signals=True)

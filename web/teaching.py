@@ -8,7 +8,9 @@ that reaches ``train_head.py`` is one it accepts.
 
 Form fields (multipart/form-data, in this order per class): ``name`` (the mode's name),
 ``class-<i>`` (the i-th class's name) and ``photos-<i>`` (its photos, repeated), and/or ``zip``
-(one .zip: ``<class>/<photo>``, optionally all inside one top folder).
+(one .zip: ``<class>/<photo>``, optionally all inside one top folder). ``backbone`` (optional; the
+page sends it first, so a refused one stops the upload before any photo) names the backbone the
+mode is trained on, one of those the page offers; without it, the first of them.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class TeachingSetError(ValueError):
 @dataclass
 class TeachingSet:
     name: str = ""
+    backbone: str = ""
     root: Path | None = None
     counts: dict[str, int] = field(default_factory=dict)
     total_bytes: int = 0
@@ -65,6 +68,14 @@ def validate_class_name(name: str) -> str:
         raise TeachingSetError("bad_class", f"class name {name!r} may not start with '.' or contain '/', '\\' "
                                             "or control characters")
     return cleaned
+
+
+def check_backbone(name: str, backbones: list[str]) -> str:
+    """``name`` if the page offers it; else a TeachingSetError naming the ones it does."""
+    if name not in backbones:
+        raise TeachingSetError("bad_backbone", f"backbone {name!r} is not offered here; choose from "
+                                               f"{', '.join(backbones)}")
+    return name
 
 
 class _Writer:
@@ -91,9 +102,10 @@ class _Writer:
                                                     f"(at {what})", 413)
 
 
-async def receive(reader, root: Path) -> TeachingSet:
-    """Stream a multipart teaching-set upload (aiohttp MultipartReader) into ``root``."""
-    teaching_set = TeachingSet(root=root)
+async def receive(reader, root: Path, backbones: list[str]) -> TeachingSet:
+    """Stream a multipart teaching-set upload (aiohttp MultipartReader) into ``root``; ``backbones``
+    are the ones the mode may be trained on, the first the default."""
+    teaching_set = TeachingSet(root=root, backbone=backbones[0])
     writer = _Writer(teaching_set)
     class_names: dict[str, str] = {}
     root.mkdir(parents=True)
@@ -105,6 +117,8 @@ async def receive(reader, root: Path) -> TeachingSet:
         field_name = part.name or ""
         if field_name == "name":
             teaching_set.name = (await part.text()).strip()
+        elif field_name == "backbone":
+            teaching_set.backbone = check_backbone((await part.text()).strip(), backbones)
         elif field_name.startswith("class-"):
             if len(class_names) >= MAX_CLASSES:
                 raise TeachingSetError("too_many_classes", f"at most {MAX_CLASSES} classes")

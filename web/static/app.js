@@ -262,6 +262,35 @@ function renderClasses() {
   show($("#teach-warning"), few.length ? t("few_photos", { list: few.join(", ") }) : "");
 }
 
+// The backbones a new mode may be trained on (GET /api/status), the default first.
+function renderBackboneChoices(choices) {
+  $("#teach-backbone").hidden = choices.length < 2;  // one backbone: nothing to choose
+  $("#backbone-choices").replaceChildren(...choices.map((choice, index) => {
+    const row = document.createElement("div");
+    row.className = "choice";
+    const input = document.createElement("input");
+    input.type = "radio";
+    input.name = "backbone";
+    input.value = choice.name;
+    input.id = `backbone-${index}`;
+    input.checked = index === 0;
+    const label = document.createElement("label");
+    label.htmlFor = input.id;
+    label.textContent = t("backbone_" + choice.role, { name: choice.name });
+    row.append(input, label);
+    const hintKey = "hint_backbone_" + choice.role;  // what the choice costs, where the page knows it
+    if (STRINGS.en[hintKey]) {
+      const hint = document.createElement("p");
+      hint.className = "hint";
+      hint.id = `backbone-hint-${index}`;
+      hint.textContent = t(hintKey);
+      input.setAttribute("aria-describedby", hint.id);
+      row.append(hint);
+    }
+    return row;
+  }));
+}
+
 async function train(event) {
   event.preventDefault();
   show($("#teach-error"), "");
@@ -271,6 +300,9 @@ async function train(event) {
     return;
   }
   const form = new FormData();
+  const backbone = document.querySelector("input[name=backbone]:checked");
+  // First: the server refuses a backbone it does not offer before any photo is uploaded.
+  if (backbone) form.append("backbone", backbone.value);
   form.append("name", $("#teach-name").value.trim());
   withPhotos.forEach((entry, index) => {
     form.append(`class-${index}`, entry.name.trim());
@@ -299,7 +331,7 @@ async function loadJobs() {
     button.type = "button";
     button.className = "link job-link";
     button.dataset.job = job.id;
-    button.textContent = `${job.name} v${job.version}: ${statusText(job)}`;
+    button.textContent = `${job.name} v${job.version} (${job.backbone}): ${statusText(job)}`;
     button.addEventListener("click", () => showJob(job));
     item.append(button);
     return item;
@@ -321,6 +353,7 @@ function showJob(job) {
   $("#job").hidden = false;
   $("#job").dataset.status = job.status;
   $("#job-title").textContent = `${job.name} v${job.version}`;
+  show($("#job-backbone"), job.backbone ? t("trained_on", { name: job.backbone }) : "");
   $("#job-status").textContent = statusText(job);
   const progress = $("#job-progress");
   const p = job.progress;
@@ -529,6 +562,7 @@ async function start() {
   const status = await api("/api/status");
   if (status.ok) {
     state.limits = status.body.limits;
+    renderBackboneChoices(status.body.training_backbones || []);
     if (status.body.notice) show($("#notice"), status.body.notice);
     const l = state.limits;
     $("#teach-limits").textContent = t("limits", {
