@@ -253,7 +253,7 @@ class EfficientNetLite0Lite2(Backbone):
 
     name = "efficientnet_lite0_lite2"
     members = ("efficientnet_lite0", "efficientnet_lite2")
-    feature_dim = 2 * 1280
+    feature_dim = EfficientNetLite0.feature_dim + EfficientNetLite2.feature_dim  # side by side, in members order
     preprocessing = EfficientNetLite2.preprocessing
 
     def build_network(self) -> nn.Module:

@@ -491,6 +491,10 @@ def test_teach_a_mode_on_the_accurate_backbone(page, page_server, datasets_dir, 
 
     top = recognise_in(page, name, _validation_shoe(datasets_dir), tmp_path, "recognise-accurate-mode")
     assert top[0][0] == "shoes", top
+    page.click("#tab-modes")  # the Modes tab names each version's backbone, within a phone's width
+    row = page.wait_for_selector(f"article[data-mode={name}] tr[data-version='1']")
+    assert row.query_selector(".backbone").inner_text() == ACCURATE_BACKBONE
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
 
 
 def test_a_backbone_the_page_does_not_offer_is_refused(page_server, datasets_dir):
@@ -531,9 +535,10 @@ def test_with_one_training_backbone_the_form_offers_no_choice(torchserve, browse
         server.stop()
 
 
-def test_an_unknown_training_backbone_is_a_usage_error():
-    result = subprocess.run([sys.executable, "-m", "web.server", "--training-backbones", f"{IMAGENET_MODE},nope"],
+@pytest.mark.parametrize("flag, value", [("--training-backbones", f"{IMAGENET_MODE},nope"), ("--backbone", "nope")])
+def test_an_unknown_backbone_is_a_usage_error(flag, value):
+    result = subprocess.run([sys.executable, "-m", "web.server", flag, value],
                             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result
-    assert "--training-backbones" in result.stderr and "'nope'" in result.stderr
+    assert flag in result.stderr and "'nope'" in result.stderr
     assert ACCURATE_BACKBONE in result.stderr  # the message lists the registered ones

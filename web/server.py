@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from handlers.backbones import EfficientNetLite0Lite2, get_backbone
+from handlers.backbones import EfficientNetLite0Lite2, backbone_names, get_backbone
 from handlers.constants import MAX_REQUEST_BYTES, VERSION_HEADER
 from imagerec.management import (
     DEFAULT_INFERENCE_URL,
@@ -443,7 +443,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-store", type=Path, default=DEFAULT_MODEL_STORE, help="TorchServe's model store")
     parser.add_argument("--runtime-dir", type=Path, default=DEFAULT_RUNTIME_DIR,
                         help="the page's own state: operator token, training jobs")
-    parser.add_argument("--backbone", type=str, default="efficientnet_lite0",
+    parser.add_argument("--backbone", type=str, default="efficientnet_lite0", choices=backbone_names(),
                         help="the served ImageNet model's backbone: new modes are trained on it by default")
     parser.add_argument("--training-backbones", type=registered_backbones, default=None, metavar="NAMES",
                         help="comma-separated registered backbones a new mode may be trained on, the first the "

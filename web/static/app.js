@@ -520,6 +520,12 @@ function renderModes() {
       for (const value of cells) {
         const td = document.createElement("td"); td.textContent = value; row.append(td);
       }
+      if (version.backbone) {  // under the version: versions of one mode may differ (fast, accurate)
+        const backbone = document.createElement("span");
+        backbone.className = "hint backbone";
+        backbone.textContent = version.backbone;
+        row.firstChild.append(document.createElement("br"), backbone);
+      }
       // Actions on a row of their own: the table stays within a phone's width.
       const actionsRow = document.createElement("tr");
       actionsRow.className = "actions-row";
