@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -107,6 +108,16 @@ def report(results: dict[str, dict], args: argparse.Namespace, started: str, sec
         lines.append(f"| {name} | {crop} | {one['p50_ms']:.1f} | {many['throughput']:.1f} | {many['p50_ms']:.1f} | "
                      f"{imagenet['top1']:.3f} | {imagenet['top3']:.3f} | {'-' if pss is None else f'{pss:.0f}'} | "
                      f"{result['archive_mb']:.1f} |")
+    lines += ["", f"Where the {os.cpu_count()} cores went at 16 clients (CPU seconds per second over the measured window; "
+              "'others': the rest of the machine's busy time):", "",
+              "| backbone | worker | Java frontend | load generator (this process) | others | total |",
+              "|---|---|---|---|---|---|"]
+    for name, result in results.items():
+        run = result[16]
+        cpu = run["cpu_cores"]
+        lines.append(f"| {name} | {cpu.get(f'worker {name}', 0.0):.2f} | {cpu.get('frontend', 0.0):.2f} | "
+                     f"{cpu.get('load generator', 0.0):.2f} | {run['cpu_cores_others']:.2f} | "
+                     f"{run['cpu_cores_total'] + run['cpu_cores_others']:.2f} |")
     errors = {name: sum(result[c]["errors"] for c in CLIENTS) + result["imagenet"]["errors"] for name, result in results.items()}
     lines += ["", "Failed requests: " + ", ".join(f"{name} {count}" for name, count in errors.items()) + "."]
     return "\n".join(lines) + "\n"
