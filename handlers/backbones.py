@@ -241,9 +241,10 @@ class EfficientNetLite2(EfficientNetLite0):
 @register_backbone
 class EfficientNetLite0Lite2(Backbone):
     """Lite0 and Lite2 on the same photo, their features side by side (2560-d): the few-shot
-    backbone for accuracy. Heads on these features beat either member on all three shared photo
-    sets (20 shots, auto: hymenoptera 0.959, clothing10 0.888, signdigits10 10-way 0.913, against
-    Lite0's 0.939 / 0.861 / 0.897; docs/bench/openset.md) at the cost of both forward passes.
+    backbone for accuracy. Heads on these features beat Lite0's on all three shared photo sets
+    (20 shots, auto: hymenoptera 0.959, clothing10 0.888, signdigits10 10-way 0.913, against
+    0.939 / 0.861 / 0.897) and Lite2's on two (0.961 / 0.881 / 0.871; docs/bench/openset.md), at
+    the cost of both forward passes.
     As an ImageNet classifier it averages the members' logits.
 
     Both members see Lite2's 260 px crop: one preprocessing for the pair, and Lite0's heads gain
