@@ -280,25 +280,19 @@ class RowSpace:
     RELATIVE_FLOOR = 1e-9
 
     def __init__(self, x: np.ndarray):
-        self._x = x
-        self._back = None  # Q^T (r, D), computed once on the first weight()
         if x.shape[0] >= x.shape[1]:
-            self.coordinates, self._scaled_vectors = x, None
+            self.coordinates, self._basis_t = x, None  # the rows as they are
             return
         wide = x.astype(np.float64)
         values, vectors = np.linalg.eigh(wide @ wide.T)
         kept = values > values[-1] * self.RELATIVE_FLOOR
         values, vectors = values[kept], vectors[:, kept]
         self.coordinates = (vectors * np.sqrt(values)).astype(np.float32)
-        self._scaled_vectors = vectors / np.sqrt(values)  # Q = x.T @ this
+        self._basis_t = ((vectors / np.sqrt(values)).T @ wide).astype(np.float32)  # Q^T (r, D)
 
     def weight(self, coefficients: np.ndarray) -> np.ndarray:
         """(C, r) coefficients -> (C, D) weight."""
-        if self._scaled_vectors is None:
-            return coefficients
-        if self._back is None:
-            self._back = (self._scaled_vectors.T @ self._x.astype(np.float64)).astype(np.float32)
-        return coefficients @ self._back
+        return coefficients if self._basis_t is None else coefficients @ self._basis_t
 
 
 @register_head
@@ -364,10 +358,11 @@ class LinearHead(FeatureHead):
             if held.any():
                 class_weights = self._class_weights(labels[held], self.num_classes)
                 scores = {}
-                kept_rows = RowSpace(x[~held])  # one basis for every candidate strength
+                kept, kept_labels, held_x = x[~held], labels[~held], x[held]
+                kept_rows = RowSpace(kept)  # one basis for every candidate strength
                 for candidate in self.WEIGHT_DECAYS:
-                    weight, bias = self._solve(x[~held], labels[~held], candidate, max_iter, kept_rows)
-                    logits = x[held] @ weight.T + bias
+                    weight, bias = self._solve(kept, kept_labels, candidate, max_iter, kept_rows)
+                    logits = held_x @ weight.T + bias
                     scores[candidate] = cross_entropy(logits, labels[held], weight=class_weights)
                 weight_decay = min(scores, key=scores.get)
                 summary["holdout_nll"] = {f"{k:g}": round(v, 4) for k, v in scores.items()}
