@@ -213,6 +213,8 @@ def test_the_page_speaks_simplified_chinese(browser, page_server, tmp_path):
     shot(tab, tmp_path, "chinese")
     assert tab.inner_text("#tab-recognise") == "识别"
     assert tab.evaluate("document.documentElement.lang") == "zh-CN"
+    hint = tab.text_content("#backbone-hint-1")  # the accurate choice's cost, the server's figures in Chinese
+    assert "倍" in hint and "MB" in hint and "{" not in hint, hint
     context.close()
 
 
@@ -472,7 +474,11 @@ def test_teach_a_mode_on_the_accurate_backbone(page, page_server, datasets_dir, 
     assert choices.nth(0).is_checked()  # the served backbone is the default
     accurate = page.locator(f"#teach-backbone input[value={ACCURATE_BACKBONE}]")
     hint = page.inner_text("#" + accurate.get_attribute("aria-describedby"))
-    assert "slower answers" in hint and "memory" in hint, hint
+    # The hint quotes the figures the server states, with no placeholder left over.
+    cost = next(c["cost"] for c in page_server.api("GET", "/api/status").json()["training_backbones"]
+                if c["name"] == ACCURATE_BACKBONE)
+    assert "slower answers" in hint and "{" not in hint, hint
+    assert f"{cost['cpu_ratio']}× the CPU of {cost['baseline']}" in hint and f"{cost['extra_worker_mb']} MB" in hint, hint
     accurate.check()
     _fill_teaching_form(page, datasets_dir, name)
     shot(page, tmp_path, "teach-form-accurate")
@@ -499,8 +505,11 @@ def test_teach_a_mode_on_the_accurate_backbone(page, page_server, datasets_dir, 
 
 def test_a_backbone_the_page_does_not_offer_is_refused(page_server, datasets_dir):
     status = page_server.api("GET", "/api/status").json()
-    assert status["training_backbones"] == [{"name": IMAGENET_MODE, "role": "fast"},
-                                            {"name": ACCURATE_BACKBONE, "role": "accurate"}]
+    fast, accurate = status["training_backbones"]
+    assert fast == {"name": IMAGENET_MODE, "role": "fast"}  # no cost: the page claims nothing for it
+    assert (accurate["name"], accurate["role"], accurate["cost"]["baseline"]) == (ACCURATE_BACKBONE, "accurate",
+                                                                                  IMAGENET_MODE)
+    assert accurate["cost"]["cpu_ratio"] > 1 and accurate["cost"]["extra_worker_mb"] > 0, accurate
     jobs = page_server.runtime_dir / "jobs"
     before = sorted(jobs.iterdir())
     # Registered but not offered, and not registered at all; before the photos (the page's order)

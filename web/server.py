@@ -51,8 +51,12 @@ DEFAULT_RUNTIME_DIR = PROJECT_ROOT / "runtime" / "web"
 RECOGNISE_TIMEOUT_S = 60.0
 _CHUNK = 1 << 16
 # Offered beside the served backbone by default: heads on it beat the served offline one on every
-# shared photo set, at about 2.6x the CPU per photo (docs/bench/openset.md, docs/bench/backbones.md).
+# shared photo set (docs/bench/openset.md), at a cost the page states in the teach form.
 ACCURATE_BACKBONE = EfficientNetLite0Lite2.name
+# What a mode on ACCURATE_BACKBONE costs against efficientnet_lite0, served by one TorchServe worker
+# (docs/bench/backbones.md, run 1: 52.0 against 136.5 img/s at 16 clients; idle worker PSS 259
+# against 219 MB). The page's hint reads these, so a new measurement changes one place.
+ACCURATE_COST = {"baseline": "efficientnet_lite0", "cpu_ratio": 2.6, "extra_worker_mb": 40}
 
 # Errors the page shows in plain words: a stable code (the page translates it) and English text.
 MESSAGES = {
@@ -129,8 +133,7 @@ class Page:
             "notice": self.args.notice or None,
             "backbone": self.args.backbone,
             # What a new mode may be trained on, the default first; the page draws a choice of them.
-            "training_backbones": [{"name": name, "role": backbone_role(name, self.args.backbone)}
-                                   for name in self.training_backbones],
+            "training_backbones": [training_choice(name, self.args.backbone) for name in self.training_backbones],
             "token_header": TOKEN_HEADER,
             "limits": {"photo_bytes": MAX_REQUEST_BYTES, "set_bytes": teaching.MAX_SET_BYTES,
                        "set_files": teaching.MAX_SET_FILES, "min_photos_per_class": teaching.MIN_PHOTOS_PER_CLASS},
@@ -375,6 +378,13 @@ def backbone_role(name: str, served: str) -> str:
     if name == ACCURATE_BACKBONE:
         return "accurate"
     return "fast" if name == served else "other"
+
+
+def training_choice(name: str, served: str) -> dict:
+    """One entry of /api/status ``training_backbones``: its name, its role, and what it costs where
+    that was measured (the page's hint quotes it)."""
+    role = backbone_role(name, served)
+    return {"name": name, "role": role, **({"cost": ACCURATE_COST} if role == "accurate" else {})}
 
 
 def registered_backbones(text: str) -> list[str]:

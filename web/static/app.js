@@ -278,12 +278,12 @@ function renderBackboneChoices(choices) {
     label.htmlFor = input.id;
     label.textContent = t("backbone_" + choice.role, { name: choice.name });
     row.append(input, label);
-    const hintKey = "hint_backbone_" + choice.role;  // what the choice costs, where the page knows it
-    if (STRINGS.en[hintKey]) {
+    const hintKey = "hint_backbone_" + choice.role;  // what the choice costs, where the server measured it
+    if (STRINGS.en[hintKey] && choice.cost) {
       const hint = document.createElement("p");
       hint.className = "hint";
       hint.id = `backbone-hint-${index}`;
-      hint.textContent = t(hintKey);
+      hint.textContent = t(hintKey, choice.cost);
       input.setAttribute("aria-describedby", hint.id);
       row.append(hint);
     }
