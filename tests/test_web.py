@@ -323,7 +323,6 @@ def _train_and_deploy(page, tmp_path: Path, step: str) -> str:
         assert "features" in seen, seen  # the live progress was shown
     page.wait_for_selector("#evaluation:not([hidden])")
     shot(page, tmp_path, f"{step}-evaluation")
-    page.locator("#job").screenshot(path=str(tmp_path / f"docs-teach-{step}.png"))
     assert "Accuracy" in page.inner_text("#eval-accuracy")
     assert len(page.query_selector_all("#eval-classes tbody tr")) == len(CLASSES)
     assert len(page.query_selector_all("#confusion tr")) == len(CLASSES) + 1
@@ -332,6 +331,7 @@ def _train_and_deploy(page, tmp_path: Path, step: str) -> str:
     page.wait_for_selector("#job[data-status=deployed]", timeout=TRAIN_TIMEOUT_MS)
     assert not page.is_visible("#deploy")  # nothing left to deploy
     shot(page, tmp_path, f"{step}-deployed")
+    page.locator("#job").screenshot(path=str(tmp_path / f"docs-teach-{step}.png"))  # the README's job card
     return version
 
 
@@ -482,6 +482,7 @@ def test_teach_a_mode_on_the_accurate_backbone(page, page_server, datasets_dir, 
     accurate.check()
     _fill_teaching_form(page, datasets_dir, name)
     shot(page, tmp_path, "teach-form-accurate")
+    page.locator("#teach-backbone").screenshot(path=str(tmp_path / "docs-teach-backbone.png"))  # the README's choice
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
     assert _train_and_deploy(page, tmp_path, "accurate") == "1"
     assert ACCURATE_BACKBONE in page.inner_text("#job-backbone")
