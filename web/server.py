@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from handlers.backbones import EfficientNetLite0Lite2, backbone_names, get_backbone
+from handlers.backbones import EfficientNetLite0, EfficientNetLite0Lite2, backbone_names, get_backbone
 from handlers.constants import MAX_REQUEST_BYTES, VERSION_HEADER
 from imagerec.management import (
     DEFAULT_INFERENCE_URL,
@@ -56,7 +56,7 @@ ACCURATE_BACKBONE = EfficientNetLite0Lite2.name
 # What a mode on ACCURATE_BACKBONE costs against efficientnet_lite0, served by one TorchServe worker
 # (docs/bench/backbones.md, run 1: 52.0 against 136.5 img/s at 16 clients; idle worker PSS 259
 # against 219 MB). The page's hint reads these, so a new measurement changes one place.
-ACCURATE_COST = {"baseline": "efficientnet_lite0", "cpu_ratio": 2.6, "extra_worker_mb": 40}
+ACCURATE_COST = {"baseline": EfficientNetLite0.name, "cpu_ratio": 2.6, "extra_worker_mb": 40}
 
 # Errors the page shows in plain words: a stable code (the page translates it) and English text.
 MESSAGES = {
